@@ -1,0 +1,365 @@
+"""Llama 2: RMSNorm, grouped-query causal attention with a key/value cache, SwiGLU feed-forward, pre-norm
+layers, tied embedding/output; plus load_pretrained for llama2.c checkpoints (.pt and legacy .bin).
+
+Parameter names are llama2.c's (wq, wk, wv, wo, w1, w2, w3, ...), so its checkpoints load as they are.
+"""
+import os
+import pickle
+import struct
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from base_llama import LlamaPreTrainedModel
+from config import LlamaConfig
+from rope import rope_tables, rotate
+from utils import UsageError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 even under bf16/fp16: the mean of squares loses too much in half precision.
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class KVCache:
+    """Keys and values of every position decoded so far, preallocated so that a step writes one slot."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store keys/values (batch, n_kv_heads, seqlen, head_dim) at start_pos; return all positions so far."""
+        end = start_pos + keys.shape[2]
+        self.keys[:, :, start_pos:end] = keys
+        self.values[:, :, start_pos:end] = values
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+                is_causal: bool, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+        batch_size, seqlen, _ = x.shape
+        query = self.wq(x).view(batch_size, seqlen, self.n_heads, self.head_dim)
+        key = self.wk(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)
+        value = self.wv(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+
+        # heads become a batch dimension: (batch, heads, seqlen, head_dim)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, start_pos)
+        # enable_gqa lets each group of n_heads // n_kv_heads query heads share one key/value head
+        # without materialising repeated copies.
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.attn_dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
+        out = out.transpose(1, 2).reshape(batch_size, seqlen, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.wo(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # SwiGLU
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, layer_id: int, config: LlamaConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+                is_causal: bool, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, is_causal, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(LlamaPreTrainedModel):
+    def __init__(self, config: LlamaConfig, tied_embeddings: bool = True):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(LlamaLayer(i, config) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if tied_embeddings:
+            self.tok_embeddings.weight = self.output.weight
+        self.init_weights()
+        # Derived from the config, so not saved in checkpoints (persistent=False).
+        freqs_cos, freqs_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("freqs_cos", freqs_cos, persistent=False)
+        self.register_buffer("freqs_sin", freqs_sin, persistent=False)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.tok_embeddings.weight is self.output.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        padding_mask: Optional[torch.Tensor] = None,
+        all_logits: bool = False,
+        causal: bool = True,
+        kv_caches: Optional[list[KVCache]] = None,
+        start_pos: int = 0,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """tokens (batch, seqlen) -> (logits, hidden_states).
+
+        logits are (batch, 1, vocab) for the last position, or (batch, seqlen, vocab) with all_logits;
+        hidden_states (batch, seqlen, dim) are the final normalised ones. padding_mask (batch, start_pos +
+        seqlen), True at real tokens, keeps padding out of every real token's attention. causal=False exists
+        only to reproduce the assignment's reference outputs (sanity_check.py). With kv_caches, tokens are
+        positions start_pos.. of sequences whose earlier keys/values are in the caches.
+        """
+        seqlen = tokens.shape[1]
+        if start_pos + seqlen > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + seqlen} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        cos = self.freqs_cos[start_pos:start_pos + seqlen]
+        sin = self.freqs_sin[start_pos:start_pos + seqlen]
+        mask, is_causal = attention_mask(seqlen, start_pos, padding_mask, causal, tokens.device)
+
+        h = self.dropout(self.tok_embeddings(tokens))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, is_causal, kv_caches[i] if kv_caches else None, start_pos)
+        h = self.norm(h)
+        logits = self.output(h if all_logits else h[:, [-1], :])
+        return logits, h
+
+    def new_kv_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
+        c = self.config
+        return [KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, self.device, self.dtype)
+                for _ in range(c.n_layers)]
+
+    @torch.inference_mode()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, use_cache: bool = True) -> torch.Tensor:
+        """Extend idx (batch, seqlen) by up to max_new_tokens tokens; stop early at max_seq_len.
+
+        temperature 0 is greedy; otherwise sample from softmax(logits / temperature), optionally only
+        among the top_k tokens or the smallest set whose probability reaches top_p. With the cache each
+        new token costs one position; use_cache=False recomputes the whole sequence (the reference).
+        """
+        batch_size, prompt_len = idx.shape
+        n_new = max(0, min(max_new_tokens, self.config.max_seq_len - prompt_len))
+        if n_new == 0:
+            return idx
+        caches = self.new_kv_caches(batch_size, prompt_len + n_new) if use_cache else None
+        logits, _ = self(idx, kv_caches=caches)
+        tokens = [idx]
+        for step in range(n_new):
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (batch, 1)
+            tokens.append(next_token)
+            if step == n_new - 1:
+                break
+            if use_cache:
+                logits, _ = self(next_token, kv_caches=caches, start_pos=prompt_len + step)
+            else:
+                logits, _ = self(torch.cat(tokens, dim=1))
+        return torch.cat(tokens, dim=1)
+
+
+def attention_mask(seqlen: int, start_pos: int, padding_mask: Optional[torch.Tensor], causal: bool,
+                   device: torch.device) -> Tuple[Optional[torch.Tensor], bool]:
+    """The (mask, is_causal) pair for F.scaled_dot_product_attention; a boolean mask is True where a query
+    may attend. Without padding the fast paths need no mask at all."""
+    if padding_mask is None:
+        if not causal or seqlen == 1:
+            return None, False
+        if start_pos == 0:
+            return None, True
+    n_keys = start_pos + seqlen
+    query_pos = torch.arange(start_pos, n_keys, device=device)[:, None]
+    key_pos = torch.arange(n_keys, device=device)[None, :]
+    allowed = key_pos <= query_pos if causal else torch.ones(seqlen, n_keys, dtype=torch.bool, device=device)
+    mask = allowed[None, None]  # (1, 1, seqlen, n_keys)
+    if padding_mask is not None:
+        # A padding query attends to itself too, so no row of the mask is empty (that would give NaN).
+        mask = (mask & padding_mask[:, None, None, :].bool()) | (key_pos == query_pos)
+    return mask, False
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None) -> torch.Tensor:
+    """logits (batch, vocab) -> next token ids (batch, 1)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the tokens ranked above it already reach top_p
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading checkpoints
+
+# The assignment's names for the attention projections.
+_ASSIGNMENT_NAMES = {"compute_query": "wq", "compute_key": "wk", "compute_value": "wv", "compute_output": "wo"}
+_LEGACY_HEADER = struct.Struct("7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len
+
+
+def load_pretrained(checkpoint: str) -> Llama:
+    """A Llama with the weights of a llama2.c checkpoint: train.py's .pt ({"model", "model_args", ...}) or the
+    legacy .bin export. Anything else, or a checkpoint that does not match its own config, is a UsageError."""
+    if not os.path.isfile(checkpoint):
+        raise UsageError(f"checkpoint {checkpoint}: no such file; run ./setup.sh to fetch the models, "
+                         f"or pass --pretrained-model-path")
+    if os.path.getsize(checkpoint) == 0:
+        raise UsageError(f"checkpoint {checkpoint}: the file is empty; fetch it again (./setup.sh)")
+    with open(checkpoint, "rb") as f:
+        magic = f.read(2)
+    # torch.save writes a zip archive ("PK"), or a bare pickle (0x80) in its old format
+    if magic == b"PK" or magic[:1] == b"\x80":
+        config, state_dict, tied = _read_train_checkpoint(checkpoint)
+    else:
+        config, state_dict, tied = _read_legacy_export(checkpoint)
+    model = Llama(config, tied_embeddings=tied)
+    _load_strict(model, state_dict, checkpoint)
+    return model
+
+
+def _read_train_checkpoint(path: str) -> Tuple[LlamaConfig, dict, bool]:
+    try:
+        # mmap: the optimizer state that train.py saves beside the model is never read from disk.
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise UsageError(f"checkpoint {path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
+        # Holds Python objects beyond tensors and containers; llama2.c checkpoints are trusted as the
+        # assignment trusts them.
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except RuntimeError as e:
+        if "mmap" in str(e):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # torch's pre-1.6 format
+        else:
+            raise UsageError(f"checkpoint {path}: truncated or corrupt ({_first_line(e)}); fetch it again") from e
+    except Exception as e:
+        raise UsageError(f"checkpoint {path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UsageError(f"checkpoint {path}: expected llama2.c train.py's dict with 'model' and 'model_args', "
+                         f"found {keys}")
+    try:
+        config = LlamaConfig.from_model_args(ckpt["model_args"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"checkpoint {path}: model_args are not a valid Llama config ({e})") from e
+    state_dict = {_canonical_name(k): v for k, v in ckpt["model"].items()}
+    embeddings, output = state_dict.get("tok_embeddings.weight"), state_dict.get("output.weight")
+    tied = embeddings is None or output is None or torch.equal(embeddings, output)
+    return config, state_dict, tied
+
+
+def _canonical_name(name: str) -> str:
+    name = name.removeprefix("_orig_mod.")  # torch.compile's wrapper
+    return ".".join(_ASSIGNMENT_NAMES.get(part, part) for part in name.split("."))
+
+
+def _read_legacy_export(path: str) -> Tuple[LlamaConfig, dict, bool]:
+    """llama2.c's legacy .bin: a header of 7 int32, then float32 weights in a fixed order, tensors of one kind
+    for all layers together. A negative vocab_size says the output matrix is stored separately (untied)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(_LEGACY_HEADER.size)
+    not_ours = (f"checkpoint {path}: neither a PyTorch checkpoint nor a llama2.c legacy .bin export; "
+                f"pass a llama2.c .pt or .bin file")
+    if len(header) < _LEGACY_HEADER.size:
+        raise UsageError(not_ours)
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len = _LEGACY_HEADER.unpack(header)
+    tied = vocab_size > 0
+    vocab_size = abs(vocab_size)
+    if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len) <= 0 \
+            or dim % n_heads or n_heads % n_kv_heads or max(dim, hidden_dim, vocab_size, max_seq_len) > 1 << 20:
+        raise UsageError(not_ours)
+    config = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                         vocab_size=vocab_size, hidden_dim=hidden_dim, max_seq_len=max_seq_len)
+    kv_dim = n_kv_heads * config.head_dim
+    per_layer = [("attention_norm.weight", (dim,)), ("attention.wq.weight", (dim, dim)),
+                 ("attention.wk.weight", (kv_dim, dim)), ("attention.wv.weight", (kv_dim, dim)),
+                 ("attention.wo.weight", (dim, dim)), ("ffn_norm.weight", (dim,)),
+                 ("feed_forward.w1.weight", (hidden_dim, dim)), ("feed_forward.w2.weight", (dim, hidden_dim)),
+                 ("feed_forward.w3.weight", (hidden_dim, dim))]
+    layout = [("tok_embeddings.weight", (vocab_size, dim))]
+    layout += [(f"layers.{i}.{name}", shape) for name, shape in per_layer for i in range(n_layers)]
+    layout += [("norm.weight", (dim,)), ("<rope cos>", (max_seq_len, config.head_dim // 2)),
+               ("<rope sin>", (max_seq_len, config.head_dim // 2))]
+    if not tied:
+        layout.append(("output.weight", (vocab_size, dim)))
+    n_floats = sum(int(np.prod(shape)) for _, shape in layout)
+    expected_size = _LEGACY_HEADER.size + 4 * n_floats
+    if size != expected_size:
+        raise UsageError(f"checkpoint {path}: not a complete llama2.c .bin export ({size} bytes where its header "
+                         f"implies {expected_size}); fetch it again, or pass a .pt checkpoint")
+    data = torch.from_numpy(np.fromfile(path, dtype=np.float32, offset=_LEGACY_HEADER.size))
+    state_dict, offset = {}, 0
+    for name, shape in layout:
+        n = int(np.prod(shape))
+        if not name.startswith("<"):  # the rope tables are recomputed, not loaded
+            state_dict[name] = data[offset:offset + n].view(shape)
+        offset += n
+    return config, state_dict, tied
+
+
+def _load_strict(model: Llama, state_dict: dict, path: str) -> None:
+    """Copy every tensor in, refusing to leave any weight at its random initialisation."""
+    if model.tied_embeddings:
+        state_dict.setdefault("output.weight", state_dict.get("tok_embeddings.weight"))
+        state_dict.setdefault("tok_embeddings.weight", state_dict["output.weight"])
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if state_dict.get(k) is None)
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    if missing or unexpected:
+        raise UsageError(f"checkpoint {path}: tensors do not match a Llama of its own model_args "
+                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UsageError(f"checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)} but its model_args "
+                             f"give {tuple(expected[name].shape)}; the file is inconsistent")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

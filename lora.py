@@ -1,0 +1,91 @@
+"""LoRA (Hu et al., 2021): freeze a linear layer's weight W and learn a low-rank update,
+y = x W^T + (alpha / rank) * x A^T B^T, with A (rank, in) random and B (out, rank) zero, so training starts
+from the base model exactly. Works on any module tree of nn.Linear layers, chosen by name."""
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
+ALL_TARGETS = ATTENTION_TARGETS + ("w1", "w2", "w3")
+DEFAULT_TARGETS = ("wq", "wv")
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear with the same (frozen) weight under the same name, plus lora_A and lora_B, so a base
+    checkpoint loads into it and a merged one is a plain base checkpoint again."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank = rank
+        self.scaling = alpha / rank
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises, and PEFT
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight += (self.lora_B @ self.lora_A) * self.scaling
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= (self.lora_B @ self.lora_A) * self.scaling
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+def inject_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank: int = 4, alpha: float = 1.0,
+                dropout: float = 0.0) -> list[str]:
+    """Replace every nn.Linear whose attribute name is in targets by a LoRALinear; return their full names."""
+    targets = set(targets)
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
+              and name.rsplit(".", 1)[-1] in targets]
+    if not chosen:
+        raise ValueError(f"no nn.Linear named any of {sorted(targets)} in the model")
+    for name, module in chosen:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, LoRALinear(module, rank, alpha, dropout))
+    return [name for name, _ in chosen]
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its weight: inference then costs exactly what the base model costs."""
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters alone: lora_A and lora_B of every LoRALinear, a few kilobytes."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1]
+            in ("lora_A", "lora_B")}

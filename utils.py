@@ -1,0 +1,142 @@
+"""Small shared pieces: the user-facing error type, seeding, devices, atomic file writes."""
+import json
+import os
+import random
+import tempfile
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+
+class UsageError(Exception):
+    """A problem with the user's input (a file, a flag, a value). The message names the culprit and the fix;
+    run_llama.main() prints it on one line and exits with status 2."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def get_device(use_gpu: bool) -> torch.device:
+    if not use_gpu:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    raise UsageError("--use_gpu: no CUDA or Apple MPS device is available; run without --use_gpu to use the CPU")
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`: an interrupted
+    run leaves the old file or none, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def save_atomic(obj: object, path: str) -> None:
+    atomic_write(path, lambda tmp_path: torch.save(obj, tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data files
+
+def read_labeled_data(path: str, flag: str) -> list[tuple[int, str]]:
+    """Read `<label> ||| <sentence>` lines into (label, sentence) pairs; `flag` names the option for errors."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file; run ./setup.sh to fetch the data, or fix the path")
+    with open(path, "rb") as f:
+        raw_lines = f.read().splitlines()
+    examples = []
+    for line_no, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{flag} {path}, line {line_no}: not UTF-8 ({e.reason} at byte {e.start}); "
+                             f"re-save the file as UTF-8") from e
+        if not line.strip():
+            continue
+        label, sep, sentence = line.partition(" ||| ")
+        if not sep:
+            raise UsageError(f"{flag} {path}, line {line_no}: no ' ||| ' separator; each line must be "
+                             f"'<label> ||| <sentence>'")
+        try:
+            examples.append((int(label.strip()), sentence.strip()))
+        except ValueError as e:
+            raise UsageError(f"{flag} {path}, line {line_no}: label {label.strip()!r} is not an integer") from e
+    if not examples:
+        raise UsageError(f"{flag} {path}: the file has no examples; each line must be '<label> ||| <sentence>'")
+    return examples
+
+
+def read_label_names(path: str) -> list[str]:
+    """The label-mapping JSON: a list of names, the i-th naming label i."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--label-names {path}: no such file; run ./setup.sh, or fix the path")
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"--label-names {path}: not valid JSON ({e}); it must be a list like [\"bad\", \"good\"]") from e
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise UsageError(f"--label-names {path}: must be a JSON list of non-empty strings, like [\"bad\", \"good\"]")
+    return names
+
+
+def check_labels(examples: list[tuple[int, str]], n_labels: int, flag: str, path: str) -> None:
+    for label, _ in examples:
+        if not 0 <= label < n_labels:
+            raise UsageError(f"{flag} {path}: label {label} is outside 0..{n_labels - 1}, the labels that "
+                             f"--label-names names; pass the label mapping of this dataset")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching
+
+def make_batches(lengths: list[int], batch_size: int, shuffle: bool,
+                 generator: Optional[torch.Generator] = None, chunk_batches: int = 50) -> list[list[int]]:
+    """Group example indices into batches of similar length, so that little padding is computed.
+
+    For evaluation (shuffle=False) all examples are sorted by length. For training, the examples are
+    shuffled, then sorted within chunks of chunk_batches batches, and the batches shuffled: batches stay
+    random in content and order while each holds similar lengths.
+    """
+    if shuffle:
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+    else:
+        order = list(range(len(lengths)))
+    chunk = batch_size * chunk_batches if shuffle else len(order)
+    batches = []
+    for start in range(0, len(order), chunk):
+        by_length = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (tokens (batch, max_len), lengths (batch,))."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    tokens = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tokens[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return tokens, lengths
