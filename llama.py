@@ -15,7 +15,7 @@ from torch import nn
 
 from base_llama import LlamaPreTrainedModel
 from config import LlamaConfig
-from rope import rope_tables, rotate
+from rope import precompute_freqs_cis, rotate
 from utils import UsageError
 
 
@@ -62,13 +62,13 @@ class Attention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor],
                 is_causal: bool, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
         batch_size, seqlen, _ = x.shape
         query = self.wq(x).view(batch_size, seqlen, self.n_heads, self.head_dim)
         key = self.wk(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)
         value = self.wv(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)
-        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        query, key = rotate(query, freqs_cis), rotate(key, freqs_cis)
 
         # heads become a batch dimension: (batch, heads, seqlen, head_dim)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -104,9 +104,9 @@ class LlamaLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor],
                 is_causal: bool, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, is_causal, cache, start_pos)
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, is_causal, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -122,9 +122,8 @@ class Llama(LlamaPreTrainedModel):
             self.tok_embeddings.weight = self.output.weight
         self.init_weights()
         # Derived from the config, so not saved in checkpoints (persistent=False).
-        freqs_cos, freqs_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("freqs_cos", freqs_cos, persistent=False)
-        self.register_buffer("freqs_sin", freqs_sin, persistent=False)
+        freqs_cis = precompute_freqs_cis(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("freqs_cis", freqs_cis, persistent=False)
 
     @property
     def tied_embeddings(self) -> bool:
@@ -150,13 +149,12 @@ class Llama(LlamaPreTrainedModel):
         seqlen = tokens.shape[1]
         if start_pos + seqlen > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + seqlen} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        cos = self.freqs_cos[start_pos:start_pos + seqlen]
-        sin = self.freqs_sin[start_pos:start_pos + seqlen]
+        freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]
         mask, is_causal = attention_mask(seqlen, start_pos, padding_mask, causal, tokens.device)
 
         h = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, is_causal, kv_caches[i] if kv_caches else None, start_pos)
+            h = layer(h, freqs_cis, mask, is_causal, kv_caches[i] if kv_caches else None, start_pos)
         h = self.norm(h)
         logits = self.output(h if all_logits else h[:, [-1], :])
         return logits, h

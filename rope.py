@@ -1,28 +1,27 @@
 """Rotary position embeddings (RoPE), in llama2.c's interleaved-pair form.
 
-Each head vector is read as head_dim/2 pairs (x[2i], x[2i+1]); the pair at position p is rotated by the
-angle p * theta^(-2i/head_dim). Rotating queries and keys makes their dot product depend only on the
-distance between positions. (transformers rotates (x[i], x[i + head_dim/2]) instead: the same maths on a
-permuted layout, which is why its checkpoints permute wq/wk rows.)
+Each head vector is read as head_dim/2 pairs (x[2i], x[2i+1]), i.e. complex numbers x[2i] + i x[2i+1]; the
+pair at position p is rotated by the angle p * theta^(-2i/head_dim), a multiplication by e^(i angle).
+Rotating queries and keys makes their dot product depend only on the distance between positions.
+(transformers rotates (x[i], x[i + head_dim/2]) instead: the same maths on a permuted layout, which is why
+its checkpoints permute wq/wk rows.)
 """
 from typing import Tuple
 
 import torch
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every (position, pair) angle, each (max_seq_len, head_dim // 2), float32."""
+def precompute_freqs_cis(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> torch.Tensor:
+    """e^(i p theta^(-2i/head_dim)) for every position p and pair i: complex64 (max_seq_len, head_dim // 2)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)[: head_dim // 2] / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, seqlen, n_heads, head_dim) by tables cos/sin (seqlen, head_dim // 2)."""
-    x_even, x_odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (batch, seqlen, n_heads, head_dim // 2)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, seqlen, n_heads, head_dim) by freqs_cis (seqlen, head_dim // 2)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (batch, seqlen, n_heads, head_dim // 2)
+    return torch.view_as_real(pairs * freqs_cis[:, None, :]).flatten(-2).type_as(x)
 
 
 def apply_rotary_emb(
@@ -38,6 +37,5 @@ def apply_rotary_emb(
     seqlen = query.shape[1]
     if start_pos + seqlen > max_seq_len:
         raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len {max_seq_len}")
-    cos, sin = rope_tables(head_dim, start_pos + seqlen, theta)
-    cos, sin = cos[start_pos:].to(query.device), sin[start_pos:].to(query.device)
-    return rotate(query, cos, sin), rotate(key, cos, sin)
+    freqs_cis = precompute_freqs_cis(head_dim, start_pos + seqlen, theta)[start_pos:].to(query.device)
+    return rotate(query, freqs_cis), rotate(key, freqs_cis)

@@ -345,6 +345,7 @@ def fit(model: torch.nn.Module, train: Split, dev: Split, args: argparse.Namespa
 # ---------------------------------------------------------------------------------------------------------
 
 def main(argv: Optional[list[str]] = None) -> int:
+    start = time.perf_counter()
     try:
         args = get_args(argv)
         seed_everything(args.seed)
@@ -353,6 +354,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             generate(args, device)
         else:
             classify(args, device)
+            print(f"wall time {time.perf_counter() - start:.0f} s")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,72 @@
+import torch
+import torch.nn.functional as F
+
+from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier
+from conftest import STORIES260K, TOK512, asset
+from llama import load_pretrained
+from run_llama import Split, predict, prompt_suffix_text
+from tokenizer import Tokenizer
+from utils import read_labeled_data
+
+LABELS = ["awful", "bad", "average", "good", "excellent"]
+
+
+def sst_split(tokenizer, suffix, n=60) -> Split:
+    examples = read_labeled_data(asset("data/sst-dev.txt"), "--dev")[:n]
+    ids = [[tokenizer.bos_id] + tokenizer.encode(s, bos=False, eos=False) + suffix for _, s in examples]
+    return Split("dev", "sst-dev", [l for l, _ in examples], [s for _, s in examples], ids)
+
+
+def test_zero_shot_scores_are_the_label_sequence_log_probability():
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    llama = load_pretrained(asset(STORIES260K)).eval()
+    label_ids = [tokenizer.encode(name, bos=False, eos=False) for name in LABELS]
+    model = LlamaZeroShotClassifier(llama, label_ids)
+    prompts = [tokenizer.encode(t, bos=True, eos=False) for t in ("A fine film. This movie is", "Dull")]
+    tokens = torch.zeros(2, max(map(len, prompts)), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        tokens[row, :len(p)] = torch.tensor(p)
+    with torch.no_grad():
+        scores = model(tokens, torch.tensor([len(p) for p in prompts]))
+        for row, prompt in enumerate(prompts):
+            for col, label in enumerate(label_ids):
+                logits, _ = llama(torch.tensor([prompt + label]), all_logits=True)
+                log_probs = F.log_softmax(logits[0, len(prompt) - 1:-1], dim=-1)
+                expected = log_probs[torch.arange(len(label)), label].sum()
+                assert torch.allclose(scores[row, col], expected, atol=1e-4)
+
+
+def test_batch_size_does_not_change_zero_shot_predictions():
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    llama = load_pretrained(asset(STORIES260K))
+    model = LlamaZeroShotClassifier(llama, [tokenizer.encode(name, bos=False, eos=False) for name in LABELS])
+    split = sst_split(tokenizer, tokenizer.encode(prompt_suffix_text(LABELS), bos=False, eos=False))
+    one_by_one = predict(model, split, 1, tokenizer.pad_id, torch.device("cpu"))
+    assert predict(model, split, 7, tokenizer.pad_id, torch.device("cpu")) == one_by_one
+    assert predict(model, split, 60, tokenizer.pad_id, torch.device("cpu")) == one_by_one
+    assert len(set(one_by_one)) > 1
+
+
+def test_batch_size_does_not_change_classifier_predictions():
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    torch.manual_seed(0)
+    model = LlamaEmbeddingClassifier(load_pretrained(asset(STORIES260K)), 5, hidden_dropout_prob=0.3)
+    split = sst_split(tokenizer, [tokenizer.eos_id])
+    one_by_one = predict(model, split, 1, tokenizer.pad_id, torch.device("cpu"))
+    assert predict(model, split, 9, tokenizer.pad_id, torch.device("cpu")) == one_by_one
+    assert predict(model, split, 60, tokenizer.pad_id, torch.device("cpu")) == one_by_one
+
+
+def test_embedding_classifier_reads_the_last_real_token():
+    torch.manual_seed(0)
+    llama = load_pretrained(asset(STORIES260K)).eval()
+    model = LlamaEmbeddingClassifier(llama, 3, hidden_dropout_prob=0.0).eval()
+    seq = torch.randint(3, 512, (1, 8))
+    padded = torch.cat([seq, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone = model(seq, torch.tensor([8]))
+        in_batch = model(padded, torch.tensor([8]))
+        _, hidden = llama(seq)
+        expected = F.log_softmax(model.classifier_head(hidden[:, -1]), dim=-1)
+    assert torch.allclose(alone, expected, atol=1e-6) and torch.allclose(in_batch, alone, atol=1e-5)
+    assert torch.allclose(alone.exp().sum(), torch.tensor(1.0))

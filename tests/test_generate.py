@@ -1,0 +1,50 @@
+import torch
+
+from conftest import STORIES260K, TOK512, asset, tiny_config
+from llama import Llama, load_pretrained, sample_next_token
+from tokenizer import Tokenizer
+
+
+def test_cached_greedy_decoding_equals_recomputing(tiny_model):
+    prompt = torch.randint(0, 97, (2, 5))
+    cached = tiny_model.generate(prompt, 30, temperature=0.0)
+    recomputed = tiny_model.generate(prompt, 30, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, 35)
+    assert torch.equal(cached, recomputed)
+
+
+def test_cached_sampling_equals_recomputing_with_the_same_seed(tiny_model):
+    prompt = torch.randint(0, 97, (1, 4))
+    torch.manual_seed(3)
+    cached = tiny_model.generate(prompt, 20, temperature=1.0)
+    torch.manual_seed(3)
+    recomputed = tiny_model.generate(prompt, 20, temperature=1.0, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_stories260K_greedy_is_the_published_sample_and_cache_agrees():
+    model = load_pretrained(asset(STORIES260K)).eval()
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    prompt = torch.tensor([tokenizer.encode("Once upon a time", bos=True, eos=False)])
+    out = model.generate(prompt, 60, temperature=0.0)
+    assert torch.equal(out, model.generate(prompt, 60, temperature=0.0, use_cache=False))
+    text = tokenizer.decode(out[0].tolist())
+    assert text.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside")
+
+
+def test_stops_cleanly_at_max_seq_len():
+    torch.manual_seed(0)
+    model = Llama(tiny_config(max_seq_len=16)).eval()
+    out = model.generate(torch.randint(0, 97, (1, 10)), 50, temperature=0.0)
+    assert out.shape == (1, 16)
+    assert torch.equal(out, model.generate(out[:, :10], 50, temperature=0.0, use_cache=False))
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next_token(logits, 1.0, top_k=1), logits.argmax(-1, keepdim=True))
+    peaked = torch.full((1, 10), -10.0)
+    peaked[0, 7] = 10.0
+    samples = torch.cat([sample_next_token(peaked, 1.0, top_p=0.5) for _ in range(20)])
+    assert (samples == 7).all()
