@@ -27,8 +27,8 @@ from llama import Llama, load_pretrained
 from lora import ALL_TARGETS, ATTENTION_TARGETS, DEFAULT_TARGETS, inject_lora, merge_lora
 from optimizer import AdamW
 from tokenizer import Tokenizer
-from utils import (UsageError, check_labels, get_device, make_batches, pad_batch, read_label_names,
-                   read_labeled_data, save_atomic, seed_everything, write_text_atomic)
+from utils import (DTYPES, Runtime, UsageError, check_labels, make_batches, pad_batch, read_label_names,
+                   read_labeled_data, save_atomic, seed_everything, shard, start_runtime, write_text_atomic)
 
 ASSIGNMENT_PREFIX = ("I have wanted to see this thriller for a while, and it didn't disappoint. "
                      "Keanu Reeves, playing the hero John Wick, is")
@@ -49,6 +49,8 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max_sentence_len", type=int, default=None, help="cut each sentence to this many tokens")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--use_gpu", action="store_true", help="run on CUDA (or Apple MPS)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="autocast precision; bf16/fp16 speed up GPUs, fp32 matches the reference outputs")
 
     gen = parser.add_argument_group("generate")
     gen.add_argument("--prompt", default=None, help="text to continue (default: the assignment's John Wick prefix)")
@@ -141,8 +143,8 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Llama, T
 # ---------------------------------------------------------------------------------------------------------
 # generate
 
-def generate(args: argparse.Namespace, device: torch.device) -> None:
-    llama, tokenizer = load_model(args, device)
+def generate(args: argparse.Namespace, runtime: Runtime) -> None:
+    llama, tokenizer = load_model(args, runtime.device)
     llama.eval()
     prompt_ids = tokenizer.encode(args.prompt or ASSIGNMENT_PREFIX, bos=True, eos=False)
     room = llama.config.max_seq_len - 1
@@ -150,13 +152,14 @@ def generate(args: argparse.Namespace, device: torch.device) -> None:
         print(f"warning: the prompt has {len(prompt_ids)} tokens; keeping its last {room} "
               f"(max_seq_len is {llama.config.max_seq_len})", file=sys.stderr)
         prompt_ids = prompt_ids[-room:]
-    idx = torch.tensor([prompt_ids], device=device)
+    idx = torch.tensor([prompt_ids], device=runtime.device)
     if args.temperature is None:
         runs = [(0.0, args.generated_sentence_low_temp_out), (1.0, args.generated_sentence_high_temp_out)]
     else:
         runs = [(args.temperature, f"generated-sentence-temp-{args.temperature:g}.txt")]
     for temperature, outfile in runs:
-        out = llama.generate(idx, args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p)
+        with runtime.autocast():
+            out = llama.generate(idx, args.max_new_tokens, temperature, top_k=args.top_k, top_p=args.top_p)
         if out.shape[1] - idx.shape[1] < args.max_new_tokens:
             print(f"note: stopped at the model's max_seq_len ({llama.config.max_seq_len} tokens)", file=sys.stderr)
         sentence = tokenizer.decode(out[0].tolist())
@@ -210,33 +213,36 @@ def prompt_suffix_text(label_names: list[str]) -> str:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, device: torch.device) -> list[int]:
-    """Predicted labels in input order; batches are formed by length so little padding is computed."""
+def predict(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, runtime: Runtime) -> list[int]:
+    """Predicted labels in input order; batches are formed by length so little padding is computed, and under
+    torchrun each process predicts every world_size-th batch."""
     model.eval()
-    predictions = [0] * len(split.token_ids)
     lengths = [len(t) for t in split.token_ids]
-    for indices in tqdm(make_batches(lengths, batch_size, shuffle=False), desc=f"eval {split.name}", leave=False):
+    batches = make_batches(lengths, batch_size, shuffle=False)[runtime.rank::runtime.world_size]
+    predicted = {}
+    for indices in tqdm(batches, desc=f"eval {split.name}", leave=False, disable=not runtime.is_main):
         tokens, batch_lengths = pad_batch([split.token_ids[i] for i in indices], pad_id)
-        log_probs = model(tokens.to(device), batch_lengths.to(device))
-        for i, label in zip(indices, log_probs.argmax(dim=-1).tolist()):
-            predictions[i] = label
-    return predictions
+        with runtime.autocast():
+            log_probs = model(tokens.to(runtime.device), batch_lengths.to(runtime.device))
+        predicted.update(zip(indices, log_probs.argmax(dim=-1).tolist()))
+    merged = {i: label for part in runtime.gather(predicted) for i, label in part.items()}
+    return [merged[i] for i in range(len(lengths))]
 
 
-def report(model: torch.nn.Module, split: Split, args: argparse.Namespace, pad_id: int, device: torch.device,
+def report(model: torch.nn.Module, split: Split, args: argparse.Namespace, pad_id: int, runtime: Runtime,
            outfile: Optional[str]) -> None:
-    predictions = predict(model, split, args.batch_size, pad_id, device)
+    predictions = predict(model, split, args.batch_size, pad_id, runtime)
     acc = accuracy_score(split.labels, predictions)
     f1 = f1_score(split.labels, predictions, average="macro")
     print(f"{split.name} acc :: {acc:.3f}  macro-F1 :: {f1:.3f}")
-    if outfile:
+    if outfile and runtime.is_main:
         write_text_atomic(outfile, "".join(f"{p} ||| {s}\n" for p, s in zip(predictions, split.sentences)))
         print(f"wrote {len(predictions)} predictions to {outfile}")
 
 
-def classify(args: argparse.Namespace, device: torch.device) -> None:
+def classify(args: argparse.Namespace, runtime: Runtime) -> None:
     label_names = read_label_names(args.label_names)
-    llama, tokenizer = load_model(args, device)
+    llama, tokenizer = load_model(args, runtime.device)
     max_seq_len = llama.config.max_seq_len
 
     if args.option == "prompt":
@@ -245,7 +251,7 @@ def classify(args: argparse.Namespace, device: torch.device) -> None:
         model = LlamaZeroShotClassifier(llama, label_ids)
         room = dict(prompt_suffix=suffix, label_room=max(len(ids) for ids in label_ids))
     else:
-        model = LlamaEmbeddingClassifier(llama, len(label_names), args.hidden_dropout_prob).to(device)
+        model = LlamaEmbeddingClassifier(llama, len(label_names), args.hidden_dropout_prob).to(runtime.device)
         if args.option == "lora":
             adapted = inject_lora(llama, args.lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
             for name, param in model.named_parameters():
@@ -260,15 +266,15 @@ def classify(args: argparse.Namespace, device: torch.device) -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         print(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-        fit(model, train, dev, args, tokenizer.pad_id, device)
-        model.load_state_dict(torch.load(args.filepath, map_location=device)["trainable"], strict=False)
+        fit(model, train, dev, args, tokenizer.pad_id, runtime)
+        model.load_state_dict(torch.load(args.filepath, map_location=runtime.device)["trainable"], strict=False)
         merge_lora(model)  # no-op without adapters; with them, inference costs what the base model costs
         print(f"loaded the best-dev checkpoint {args.filepath}")
 
     if args.eval_train:
-        report(model, train, args, tokenizer.pad_id, device, None)
-    report(model, dev, args, tokenizer.pad_id, device, args.dev_out)
-    report(model, test, args, tokenizer.pad_id, device, args.test_out)
+        report(model, train, args, tokenizer.pad_id, runtime, None)
+    report(model, dev, args, tokenizer.pad_id, runtime, args.dev_out)
+    report(model, test, args, tokenizer.pad_id, runtime, args.test_out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,72 +298,105 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
 
 
 def fit(model: torch.nn.Module, train: Split, dev: Split, args: argparse.Namespace, pad_id: int,
-        device: torch.device) -> None:
+        runtime: Runtime) -> None:
     """Train for args.epochs; keep the best-dev checkpoint at args.filepath and, after every epoch, the
-    whole training state at args.filepath + '.state' for --resume."""
+    whole training state at args.filepath + '.state' for --resume.
+
+    Under torchrun every process draws the same global batches of batch_size * world_size examples (one
+    shared generator) and trains on its own share; DistributedDataParallel averages the gradients."""
+    trainer = model
+    if runtime.world_size > 1:
+        trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index]
+                                                            if runtime.device.type == "cuda" else None)
     optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     generator = torch.Generator().manual_seed(args.seed)
     state_path = args.filepath + ".state"
     first_epoch, best_dev_acc = 0, -1.0
     if args.resume:
         if not os.path.isfile(state_path):
             raise UsageError(f"--resume: no training state {state_path}; run once without --resume first")
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = torch.load(state_path, map_location=runtime.device, weights_only=False)
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"], generator)
         first_epoch, best_dev_acc = state["epoch"] + 1, state["best_dev_acc"]
         print(f"resumed from {state_path} after epoch {state['epoch']}")
 
+    global_batch = args.batch_size * runtime.world_size
+    if runtime.world_size > 1:
+        print(f"{runtime.world_size} processes x batch {args.batch_size} = effective batch size {global_batch}")
     lengths = [len(t) for t in train.token_ids]
     for epoch in range(first_epoch, args.epochs):
-        model.train()
-        batches = make_batches(lengths, args.batch_size, shuffle=True, generator=generator)
-        progress = tqdm(batches, desc=f"train-{epoch}")
+        trainer.train()
+        batches = make_batches(lengths, global_batch, shuffle=True, generator=generator)
+        progress = tqdm(batches, desc=f"train-{epoch}", disable=not runtime.is_main)
         total_loss, n_seen, start = 0.0, 0, time.perf_counter()
         for step, indices in enumerate(progress):
-            tokens, batch_lengths = pad_batch([train.token_ids[i] for i in indices], pad_id)
-            labels = torch.tensor([train.labels[i] for i in indices], device=device)
-            loss = F.nll_loss(model(tokens.to(device), batch_lengths.to(device)), labels)
-            if not torch.isfinite(loss):
+            mine = shard(indices, runtime.rank, runtime.world_size)
+            tokens, batch_lengths = pad_batch([train.token_ids[i] for i in mine], pad_id)
+            labels = torch.tensor([train.labels[i] for i in mine], device=runtime.device)
+            with runtime.autocast():
+                loss = F.nll_loss(trainer(tokens.to(runtime.device), batch_lengths.to(runtime.device)), labels)
+            check = loss.detach().clone()
+            if runtime.world_size > 1:
+                torch.distributed.all_reduce(check)  # every process stops together
+            if not torch.isfinite(check):
                 raise UsageError(f"training loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr "
                                  f"(the best checkpoint so far is kept in {args.filepath})")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(indices)
-            n_seen += len(indices)
-            progress.set_postfix(loss=f"{total_loss / n_seen:.3f}", ex_per_s=f"{n_seen / (time.perf_counter() - start):.1f}")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(mine)
+            n_seen += len(mine)
+            progress.set_postfix(loss=f"{total_loss / n_seen:.3f}",
+                                 ex_per_s=f"{n_seen * runtime.world_size / (time.perf_counter() - start):.1f}")
 
-        dev_acc = accuracy_score(dev.labels, predict(model, dev, args.batch_size, pad_id, device))
+        dev_acc = accuracy_score(dev.labels, predict(model, dev, args.batch_size, pad_id, runtime))
         print(f"epoch {epoch}: train loss :: {total_loss / max(n_seen, 1):.3f}, dev acc :: {dev_acc:.3f}, "
               f"{time.perf_counter() - start:.0f} s")
         if dev_acc > best_dev_acc:
             best_dev_acc = dev_acc
-            save_atomic({"option": args.option, "trainable": trainable_state(model)}, args.filepath)
-            print(f"saved the best model so far to {args.filepath}")
-        save_atomic({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                     "rng": rng_states(generator), "epoch": epoch, "best_dev_acc": best_dev_acc}, state_path)
+            save_checkpoint(model, args, runtime)
+        if runtime.is_main:
+            save_atomic({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": rng_states(generator), "epoch": epoch,
+                         "best_dev_acc": best_dev_acc}, state_path)
     if best_dev_acc < 0:  # zero epochs: the untrained model is the best there is
+        save_checkpoint(model, args, runtime)
+    runtime.barrier()  # the checkpoint is on disk before any process reads it back
+
+
+def save_checkpoint(model: torch.nn.Module, args: argparse.Namespace, runtime: Runtime) -> None:
+    if runtime.is_main:
         save_atomic({"option": args.option, "trainable": trainable_state(model)}, args.filepath)
+        print(f"saved the best model so far to {args.filepath}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 def main(argv: Optional[list[str]] = None) -> int:
     start = time.perf_counter()
+    runtime = None
     try:
         args = get_args(argv)
-        seed_everything(args.seed)
-        device = get_device(args.use_gpu)
+        runtime = start_runtime(args.use_gpu, args.dtype)
+        if not runtime.is_main:
+            sys.stdout = open(os.devnull, "w")  # one log: rank 0's
+        seed_everything(args.seed + runtime.rank)  # own dropout masks; shared batches come from args.seed
         if args.option == "generate":
-            generate(args, device)
+            generate(args, runtime)
         else:
-            classify(args, device)
+            classify(args, runtime)
             print(f"wall time {time.perf_counter() - start:.0f} s")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if runtime is not None and runtime.world_size > 1:
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -1,9 +1,12 @@
-"""Small shared pieces: the user-facing error type, seeding, devices, atomic file writes."""
+"""Small shared pieces: the user-facing error type, seeding, where and how to run (device, precision,
+processes), atomic file writes, data files and batching."""
+import dataclasses
 import json
 import os
 import random
 import tempfile
-from typing import Callable, Optional
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Optional
 
 import numpy as np
 import torch
@@ -20,11 +23,63 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-def get_device(use_gpu: bool) -> torch.device:
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Where and how this process runs: its device, its autocast precision, and its place among the processes
+    that torchrun started (rank 0 of 1 without torchrun)."""
+    device: torch.device
+    amp_dtype: Optional[torch.dtype] = None  # None: plain fp32
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> ContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's obj, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+
+def start_runtime(use_gpu: bool, dtype: str) -> Runtime:
+    """Plain `python run_llama.py` runs one process; under torchrun (WORLD_SIZE > 1) join the process group,
+    gloo on CPU and NCCL on CUDA, one GPU per process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = get_device(use_gpu, local_rank)
+    if dtype == "fp16" and device.type == "cpu":
+        raise UsageError("--dtype fp16 needs --use_gpu; on a CPU use bf16 or fp32")
+    if world_size == 1:
+        return Runtime(device, DTYPES[dtype])
+    if device.type == "mps":
+        raise UsageError("torchrun with --use_gpu needs CUDA; Apple MPS runs one process")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, DTYPES[dtype], torch.distributed.get_rank(), world_size)
+
+
+def get_device(use_gpu: bool, local_rank: int = 0) -> torch.device:
     if not use_gpu:
         return torch.device("cpu")
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"--use_gpu: process {local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                             f"visible); start at most that many processes per machine")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     if torch.backends.mps.is_available():
         return torch.device("mps")
     raise UsageError("--use_gpu: no CUDA or Apple MPS device is available; run without --use_gpu to use the CPU")
@@ -131,6 +186,13 @@ def make_batches(lengths: list[int], batch_size: int, shuffle: bool,
     if shuffle:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
     return batches
+
+
+def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """One process's share of a global batch; a batch shorter than world_size is cycled so none gets nothing."""
+    if len(indices) < world_size:
+        indices = (indices * world_size)[:world_size]
+    return indices[rank::world_size]
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

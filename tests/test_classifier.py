@@ -5,9 +5,11 @@ from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier
 from conftest import STORIES260K, TOK512, asset
 from llama import load_pretrained
 from run_llama import Split, predict, prompt_suffix_text
+from utils import Runtime
 from tokenizer import Tokenizer
 from utils import read_labeled_data
 
+CPU = Runtime(torch.device("cpu"))
 LABELS = ["awful", "bad", "average", "good", "excellent"]
 
 
@@ -41,9 +43,9 @@ def test_batch_size_does_not_change_zero_shot_predictions():
     llama = load_pretrained(asset(STORIES260K))
     model = LlamaZeroShotClassifier(llama, [tokenizer.encode(name, bos=False, eos=False) for name in LABELS])
     split = sst_split(tokenizer, tokenizer.encode(prompt_suffix_text(LABELS), bos=False, eos=False))
-    one_by_one = predict(model, split, 1, tokenizer.pad_id, torch.device("cpu"))
-    assert predict(model, split, 7, tokenizer.pad_id, torch.device("cpu")) == one_by_one
-    assert predict(model, split, 60, tokenizer.pad_id, torch.device("cpu")) == one_by_one
+    one_by_one = predict(model, split, 1, tokenizer.pad_id, CPU)
+    assert predict(model, split, 7, tokenizer.pad_id, CPU) == one_by_one
+    assert predict(model, split, 60, tokenizer.pad_id, CPU) == one_by_one
     assert len(set(one_by_one)) > 1
 
 
@@ -52,9 +54,9 @@ def test_batch_size_does_not_change_classifier_predictions():
     torch.manual_seed(0)
     model = LlamaEmbeddingClassifier(load_pretrained(asset(STORIES260K)), 5, hidden_dropout_prob=0.3)
     split = sst_split(tokenizer, [tokenizer.eos_id])
-    one_by_one = predict(model, split, 1, tokenizer.pad_id, torch.device("cpu"))
-    assert predict(model, split, 9, tokenizer.pad_id, torch.device("cpu")) == one_by_one
-    assert predict(model, split, 60, tokenizer.pad_id, torch.device("cpu")) == one_by_one
+    one_by_one = predict(model, split, 1, tokenizer.pad_id, CPU)
+    assert predict(model, split, 9, tokenizer.pad_id, CPU) == one_by_one
+    assert predict(model, split, 60, tokenizer.pad_id, CPU) == one_by_one
 
 
 def test_embedding_classifier_reads_the_last_real_token():
