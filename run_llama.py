@@ -212,6 +212,13 @@ def prompt_suffix_text(label_names: list[str]) -> str:
     return f"Is this movie {names}? This movie is "
 
 
+def progress(iterable: list, desc: str, runtime: Runtime, **kwargs) -> tqdm:
+    """A progress bar on rank 0 only; TQDM_DISABLE=1 silences it there too."""
+    if not runtime.is_main:
+        kwargs["disable"] = True
+    return tqdm(iterable, desc=desc, **kwargs)
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, runtime: Runtime) -> list[int]:
     """Predicted labels in input order; batches are formed by length so little padding is computed, and under
@@ -220,7 +227,7 @@ def predict(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, 
     lengths = [len(t) for t in split.token_ids]
     batches = make_batches(lengths, batch_size, shuffle=False)[runtime.rank::runtime.world_size]
     predicted = {}
-    for indices in tqdm(batches, desc=f"eval {split.name}", leave=False, disable=not runtime.is_main):
+    for indices in progress(batches, f"eval {split.name}", runtime, leave=False):
         tokens, batch_lengths = pad_batch([split.token_ids[i] for i in indices], pad_id)
         with runtime.autocast():
             log_probs = model(tokens.to(runtime.device), batch_lengths.to(runtime.device))
@@ -331,9 +338,9 @@ def fit(model: torch.nn.Module, train: Split, dev: Split, args: argparse.Namespa
     for epoch in range(first_epoch, args.epochs):
         trainer.train()
         batches = make_batches(lengths, global_batch, shuffle=True, generator=generator)
-        progress = tqdm(batches, desc=f"train-{epoch}", disable=not runtime.is_main)
+        bar = progress(batches, f"train-{epoch}", runtime)
         total_loss, n_seen, start = 0.0, 0, time.perf_counter()
-        for step, indices in enumerate(progress):
+        for step, indices in enumerate(bar):
             mine = shard(indices, runtime.rank, runtime.world_size)
             tokens, batch_lengths = pad_batch([train.token_ids[i] for i in mine], pad_id)
             labels = torch.tensor([train.labels[i] for i in mine], device=runtime.device)
@@ -351,7 +358,7 @@ def fit(model: torch.nn.Module, train: Split, dev: Split, args: argparse.Namespa
             scaler.update()
             total_loss += loss.item() * len(mine)
             n_seen += len(mine)
-            progress.set_postfix(loss=f"{total_loss / n_seen:.3f}",
+            bar.set_postfix(loss=f"{total_loss / n_seen:.3f}",
                                  ex_per_s=f"{n_seen * runtime.world_size / (time.perf_counter() - start):.1f}")
 
         dev_acc = accuracy_score(dev.labels, predict(model, dev, args.batch_size, pad_id, runtime))

@@ -1,0 +1,300 @@
+"""Side-by-side timings of minLlama2 and transformers (+ PEFT) on the same weights and inputs.
+
+  .venv/bin/python bench.py                 # stories42M's shape, random weights, 2 threads (minutes)
+  .venv/bin/python bench.py --quick         # tiny sizes: a smoke run, the numbers mean nothing
+  .venv/bin/python bench.py --checkpoint stories260K.pt --tokenizer tok512.model
+
+Prints one table: greedy decode and prefill throughput, full fine-tuning and LoRA step time and peak memory
+(each training mode in its own child process, so that peak RSS is its own), and end-to-end time of one SST
+training epoch and of zero-shot scoring of SST dev on the real data files. Each timing is the median of
+--repeats runs after a warm-up, except the epoch, which runs once. transformers and PEFT are needed only here
+and in the tests (./setup.sh --test).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier
+from config import LlamaConfig
+from llama import Llama, load_pretrained
+from lora import ATTENTION_TARGETS, inject_lora
+from optimizer import AdamW
+from run_llama import Split, load_split, predict, prompt_suffix_text
+from tokenizer import Tokenizer
+from utils import Runtime, make_batches, pad_batch, read_label_names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same weights in transformers
+
+def rotate_half_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq/wk rows in llama2.c's interleaved-pair RoPE order -> transformers' rotate-half order: within each
+    head, the even components first, then the odd ones."""
+    out_features, in_features = weight.shape
+    head_dim = out_features // n_heads
+    return weight.view(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def transformers_config(config: LlamaConfig, tied: bool = True, **extra):
+    from transformers import LlamaConfig as HFConfig
+
+    return HFConfig(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
+                    num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                    num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+                    rms_norm_eps=config.norm_eps, tie_word_embeddings=tied,
+                    rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, **extra)
+
+
+def transformers_weights(model: Llama) -> dict[str, torch.Tensor]:
+    """Our state dict under transformers' names (LlamaModel's, without the "model." prefix)."""
+    c = model.config
+    weights = {"embed_tokens.weight": model.tok_embeddings.weight, "norm.weight": model.norm.weight}
+    for i, layer in enumerate(model.layers):
+        a, f, p = layer.attention, layer.feed_forward, f"layers.{i}."
+        weights.update({
+            p + "self_attn.q_proj.weight": rotate_half_layout(a.wq.weight, c.n_heads),
+            p + "self_attn.k_proj.weight": rotate_half_layout(a.wk.weight, c.n_kv_heads),
+            p + "self_attn.v_proj.weight": a.wv.weight, p + "self_attn.o_proj.weight": a.wo.weight,
+            p + "mlp.gate_proj.weight": f.w1.weight, p + "mlp.up_proj.weight": f.w3.weight,
+            p + "mlp.down_proj.weight": f.w2.weight, p + "input_layernorm.weight": layer.attention_norm.weight,
+            p + "post_attention_layernorm.weight": layer.ffn_norm.weight,
+        })
+    return {k: v.detach().clone() for k, v in weights.items()}
+
+
+def to_transformers(model: Llama, attn_implementation: str = "eager"):
+    """transformers' LlamaForCausalLM with the same weights."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(transformers_config(model.config, model.tied_embeddings,
+                                              attn_implementation=attn_implementation))
+    weights = {"model." + k: v for k, v in transformers_weights(model).items()}
+    weights["lm_head.weight"] = model.output.weight.detach().clone()
+    hf.load_state_dict(weights, strict=True)
+    return hf.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def base_model(args: argparse.Namespace) -> Llama:
+    if args.checkpoint:
+        return load_pretrained(args.checkpoint)
+    torch.manual_seed(0)
+    shape = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=32000, max_seq_len=1024) if args.quick else {}
+    return Llama(LlamaConfig(**shape))
+
+
+@torch.inference_mode()
+def bench_inference(args: argparse.Namespace) -> list[tuple]:
+    ours = base_model(args).eval()
+    theirs = to_transformers(ours, attn_implementation="sdpa")
+    vocab = ours.config.vocab_size
+    torch.manual_seed(1)
+    prompt = torch.randint(3, vocab, (1, 32))
+    new = 16 if args.quick else 256
+    our_tokens = ours.generate(prompt, new, temperature=0.0)
+    their_tokens = theirs.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    agree = int((our_tokens == their_tokens).all(dim=0).long().cumprod(0).sum()) - prompt.shape[1]
+    rows = [("greedy decode, tok/s", new / median_seconds(lambda: ours.generate(prompt, new, temperature=0.0), args.repeats),
+             new / median_seconds(lambda: theirs.generate(prompt, max_new_tokens=new, min_new_tokens=new,
+                                                          do_sample=False, pad_token_id=0), args.repeats),
+             f"{agree}/{new} greedy tokens identical")]
+    batch = torch.randint(3, vocab, (10, 64))
+    rows.append(("prefill 10 x 64, tok/s", batch.numel() / median_seconds(lambda: ours(batch), args.repeats),
+                 batch.numel() / median_seconds(lambda: theirs(batch, logits_to_keep=1), args.repeats), ""))
+    return rows
+
+
+def training_step_child(spec: dict, args: argparse.Namespace) -> dict:
+    """Runs in a child process: time training steps of one implementation and mode, report peak RSS."""
+    torch.manual_seed(0)
+    ours = base_model(args)
+    n_labels = 5
+    tokens = torch.randint(3, ours.config.vocab_size, (spec["batch"], spec["seqlen"]))
+    lengths = torch.full((spec["batch"],), spec["seqlen"])
+    labels = torch.randint(0, n_labels, (spec["batch"],))
+    if spec["impl"] == "ours":
+        model = LlamaEmbeddingClassifier(ours, n_labels, hidden_dropout_prob=0.0)
+        if spec["mode"] == "lora":
+            inject_lora(ours, ATTENTION_TARGETS, rank=4, alpha=1.0)
+            for name, p in model.named_parameters():
+                p.requires_grad = "lora_" in name or name.startswith("classifier_head.")
+        optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        forward = lambda: F.nll_loss(model(tokens, lengths), labels)
+    else:
+        from transformers import LlamaForSequenceClassification
+
+        model = LlamaForSequenceClassification(transformers_config(ours.config, num_labels=n_labels, pad_token_id=0))
+        model.model.load_state_dict(transformers_weights(ours))
+        del ours
+        if spec["mode"] == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=1, lora_dropout=0.0,
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        forward = lambda: F.cross_entropy(model(input_ids=tokens).logits, labels)
+    model.train()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        forward().backward()
+        optimizer.step()
+
+    seconds = median_seconds(step, args.repeats)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_s": seconds, "ex_per_s": spec["batch"] / seconds, "peak_mb": peak_mb}
+
+
+def bench_training(args: argparse.Namespace) -> list[tuple]:
+    sizes = [(8, 16), (2, 64)] if args.quick else [(80, 32), (10, 512)]
+    rows = []
+    for batch, seqlen in sizes:
+        for mode in ("finetune", "lora"):
+            result = {}
+            for impl in ("ours", "transformers"):
+                spec = {"impl": impl, "mode": mode, "batch": batch, "seqlen": seqlen}
+                child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), *forwarded_flags(args)],
+                                       capture_output=True, text=True, check=True)
+                result[impl] = json.loads(child.stdout.strip().splitlines()[-1])
+            name = f"{'full fine-tuning' if mode == 'finetune' else 'LoRA r=4 q/k/v/o'} {batch} x {seqlen}"
+            rows.append((f"{name}, examples/s", result["ours"]["ex_per_s"], result["transformers"]["ex_per_s"],
+                         f"step {result['ours']['step_s']:.2f} s vs {result['transformers']['step_s']:.2f} s"))
+            rows.append((f"{name}, peak RSS MB (lower is better)", result["ours"]["peak_mb"],
+                         result["transformers"]["peak_mb"], ""))
+    return rows
+
+
+def bench_sst(args: argparse.Namespace) -> list[tuple]:
+    """One epoch of SST fine-tuning and zero-shot scoring of SST dev, end to end from the data files: our
+    length-bucketed batches against a plain loop that pads each shuffled batch to its longest."""
+    tokenizer = Tokenizer(tokenizer_model=args.tokenizer)
+    ours = base_model(args)
+    tokenizer.check_vocab(ours.config.vocab_size, args.checkpoint or "the benchmark model")
+    label_names = read_label_names("data/sst-label-mapping.json")
+    n = 400 if args.quick else None
+    cpu = Runtime(torch.device("cpu"))
+
+    train = load_split("train", "data/sst-train.txt", 5, tokenizer, ours.config.max_seq_len)
+    train = Split(train.name, train.path, train.labels[:n], train.sentences[:n], train.token_ids[:n])
+    theirs = to_transformers(ours, attn_implementation="sdpa")
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    lengths = [len(t) for t in train.token_ids]
+    ours_model = LlamaEmbeddingClassifier(ours, 5, 0.3).train()
+    opt = AdamW(ours_model.parameters(), lr=1e-5)
+    start = time.perf_counter()
+    for indices in make_batches(lengths, 80, shuffle=True, generator=generator):
+        tokens, batch_lengths = pad_batch([train.token_ids[i] for i in indices], tokenizer.pad_id)
+        loss = F.nll_loss(ours_model(tokens, batch_lengths), torch.tensor([train.labels[i] for i in indices]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    ours_s = time.perf_counter() - start
+
+    from transformers import LlamaForSequenceClassification
+
+    hf_model = LlamaForSequenceClassification(transformers_config(ours.config, num_labels=5, pad_token_id=0,
+                                                                  attn_implementation="sdpa"))
+    hf_model.model.load_state_dict(transformers_weights(ours))
+    hf_model.train()
+    opt = torch.optim.AdamW(hf_model.parameters(), lr=1e-5)
+    start = time.perf_counter()
+    for batch in torch.randperm(len(lengths), generator=generator).split(80):
+        seqs = [train.token_ids[i] for i in batch.tolist()]
+        tokens, batch_lengths = pad_batch(seqs, 0)
+        mask = torch.arange(tokens.shape[1])[None] < batch_lengths[:, None]
+        logits = hf_model(input_ids=tokens, attention_mask=mask.long()).logits
+        loss = F.cross_entropy(logits, torch.tensor([train.labels[i] for i in batch.tolist()]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    hf_s = time.perf_counter() - start
+    rows.append((f"one SST train epoch ({len(lengths)} ex), s (lower is better)", ours_s, hf_s, "once"))
+
+    suffix = tokenizer.encode(prompt_suffix_text(label_names), bos=False, eos=False)
+    label_ids = [tokenizer.encode(name, bos=False, eos=False) for name in label_names]
+    dev = load_split("dev", "data/sst-dev.txt", 5, tokenizer, ours.config.max_seq_len, prompt_suffix=suffix,
+                     label_room=max(map(len, label_ids)))
+    dev = Split(dev.name, dev.path, dev.labels[:n], dev.sentences[:n], dev.token_ids[:n])
+    zero_shot = LlamaZeroShotClassifier(ours, label_ids)
+    ours_s = median_seconds(lambda: predict(zero_shot, dev, 80, tokenizer.pad_id, cpu), 1)
+    theirs_s = median_seconds(lambda: transformers_zero_shot(theirs, dev, label_ids), 1)
+    rows.append((f"zero-shot SST dev ({len(dev.labels)} ex), s (lower is better)", ours_s, theirs_s, ""))
+    return rows
+
+
+@torch.inference_mode()
+def transformers_zero_shot(hf, split: Split, label_ids: list[list[int]]) -> list[int]:
+    """The plain way: batches in file order, each prompt + label padded to the longest, full logits."""
+    predictions = []
+    for start in range(0, len(split.token_ids), 80):
+        prompts = split.token_ids[start:start + 80]
+        scores = []
+        for label in label_ids:
+            tokens, lengths = pad_batch([p + label for p in prompts], 0)
+            mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+            log_probs = hf(input_ids=tokens, attention_mask=mask).logits.log_softmax(-1)
+            scores.append(torch.stack([log_probs[row, len(p) - 1 + torch.arange(len(label)), label].sum()
+                                       for row, p in enumerate(prompts)]))
+        predictions += torch.stack(scores, 1).argmax(1).tolist()
+    return predictions
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def forwarded_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+    flags += ["--quick"] if args.quick else []
+    flags += ["--checkpoint", args.checkpoint] if args.checkpoint else []
+    return flags
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="time a real checkpoint instead of random weights")
+    parser.add_argument("--tokenizer", default="tokenizer.model", help="for the SST rows; must match the model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run; no meaningful numbers")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the evaluation helpers' progress bars
+    if args.child:
+        print(json.dumps(training_step_child(json.loads(args.child), args)))
+        return
+
+    shape = "checkpoint " + args.checkpoint if args.checkpoint else ("tiny random" if args.quick else "stories42M shape, random weights")
+    print(f"minLlama2 vs transformers: {shape}, fp32, {args.threads} threads, median of {args.repeats}")
+    rows = bench_inference(args) + bench_training(args) + bench_sst(args)
+    print(f"\n| measure | minLlama2 | transformers | ratio | note |\n| --- | ---: | ---: | ---: | --- |")
+    for name, ours, theirs, note in rows:
+        better_when_lower = "lower is better" in name
+        ratio = theirs / ours if better_when_lower else ours / theirs
+        print(f"| {name} | {ours:,.1f} | {theirs:,.1f} | {ratio:.2f}x | {note} |")
+    print("\nratio > 1 means minLlama2 is better (faster, or less memory).")
+
+
+if __name__ == "__main__":
+    main()
