@@ -12,7 +12,6 @@ and in the tests (./setup.sh --test).
 """
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -280,7 +279,6 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the evaluation helpers' progress bars
     if args.child:
         print(json.dumps(training_step_child(json.loads(args.child), args)))
         return
