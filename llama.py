@@ -33,16 +33,20 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every position decoded so far, preallocated so that a step writes one slot."""
+    """Keys and values of every position decoded so far, preallocated so that a step writes one slot. The
+    buffers are made at the first update, in the dtype the keys arrive in (autocast may lower it)."""
 
-    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store keys/values (batch, n_kv_heads, seqlen, head_dim) at start_pos; return all positions so far."""
+        if self.keys is None:
+            batch_size, n_kv_heads, _, head_dim = keys.shape
+            self.keys = keys.new_zeros(batch_size, n_kv_heads, self.max_len, head_dim)
+            self.values = values.new_zeros(batch_size, n_kv_heads, self.max_len, head_dim)
         end = start_pos + keys.shape[2]
         self.keys[:, :, start_pos:end] = keys
         self.values[:, :, start_pos:end] = values
@@ -159,11 +163,6 @@ class Llama(LlamaPreTrainedModel):
         logits = self.output(h if all_logits else h[:, [-1], :])
         return logits, h
 
-    def new_kv_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
-        c = self.config
-        return [KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, self.device, self.dtype)
-                for _ in range(c.n_layers)]
-
     @torch.inference_mode()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, use_cache: bool = True) -> torch.Tensor:
@@ -173,11 +172,11 @@ class Llama(LlamaPreTrainedModel):
         among the top_k tokens or the smallest set whose probability reaches top_p. With the cache each
         new token costs one position; use_cache=False recomputes the whole sequence (the reference).
         """
-        batch_size, prompt_len = idx.shape
+        prompt_len = idx.shape[1]
         n_new = max(0, min(max_new_tokens, self.config.max_seq_len - prompt_len))
         if n_new == 0:
             return idx
-        caches = self.new_kv_caches(batch_size, prompt_len + n_new) if use_cache else None
+        caches = [KVCache(prompt_len + n_new) for _ in self.layers] if use_cache else None
         logits, _ = self(idx, kv_caches=caches)
         tokens = [idx]
         for step in range(n_new):

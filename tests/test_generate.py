@@ -48,3 +48,12 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     peaked[0, 7] = 10.0
     samples = torch.cat([sample_next_token(peaked, 1.0, top_p=0.5) for _ in range(20)])
     assert (samples == 7).all()
+
+
+def test_generates_under_bf16_autocast(tiny_model):
+    prompt = torch.randint(0, 97, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_model.generate(prompt, 10, temperature=0.0)
+        logits, _ = tiny_model(prompt)
+    assert out.shape == (2, 15) and torch.equal(out[:, :5], prompt)
+    assert logits.dtype == torch.bfloat16
