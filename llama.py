@@ -4,7 +4,6 @@ layers, tied embedding/output; plus load_pretrained for llama2.c checkpoints (.p
 Parameter names are llama2.c's (wq, wk, wv, wo, w1, w2, w3, ...), so its checkpoints load as they are.
 """
 import os
-import pickle
 import struct
 from typing import Optional, Tuple
 
@@ -259,21 +258,10 @@ def load_pretrained(checkpoint: str) -> Llama:
 
 def _read_train_checkpoint(path: str) -> Tuple[LlamaConfig, dict, bool]:
     try:
-        # mmap: the optimizer state that train.py saves beside the model is never read from disk.
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise UsageError(f"checkpoint {path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
-        # Holds Python objects beyond tensors and containers; llama2.c checkpoints are trusted as the
-        # assignment trusts them.
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except RuntimeError as e:
-        if "mmap" in str(e):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # torch's pre-1.6 format
-        else:
-            raise UsageError(f"checkpoint {path}: truncated or corrupt ({_first_line(e)}); fetch it again") from e
-    except Exception as e:
-        raise UsageError(f"checkpoint {path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
+        ckpt = _torch_load(path)
+    except Exception as e:  # torch raises several types for a file it cannot read
+        raise UsageError(f"checkpoint {path}: truncated, corrupt or not a tensor checkpoint ({_first_line(e)}); "
+                         f"fetch it again") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UsageError(f"checkpoint {path}: expected llama2.c train.py's dict with 'model' and 'model_args', "
@@ -286,6 +274,17 @@ def _read_train_checkpoint(path: str) -> Tuple[LlamaConfig, dict, bool]:
     embeddings, output = state_dict.get("tok_embeddings.weight"), state_dict.get("output.weight")
     tied = embeddings is None or output is None or torch.equal(embeddings, output)
     return config, state_dict, tied
+
+
+def _torch_load(path: str) -> object:
+    """Tensors and plain containers only (weights_only: no code runs from the file)."""
+    try:
+        # mmap: the optimizer state that train.py saves beside the model is never read from disk.
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # torch's pre-1.6 format cannot be mapped
 
 
 def _canonical_name(name: str) -> str:

@@ -155,3 +155,11 @@ def test_untied_bin_export_loads_its_own_output_matrix(tmp_path):
     tokens = torch.randint(0, 97, (1, 7))
     with torch.no_grad():
         assert torch.equal(loaded(tokens)[0], model(tokens)[0])
+
+
+def test_loads_torch_s_old_non_zip_format(tmp_path):
+    path = os.path.join(tmp_path, "old.pt")
+    torch.save(torch.load(asset(STORIES260K)), path, _use_new_zipfile_serialization=False)  # cannot be mmapped
+    tokens = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(path)(tokens)[0], load_pretrained(asset(STORIES260K))(tokens)[0])
