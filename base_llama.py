@@ -1,7 +1,6 @@
-"""What every Llama module tree shares: its config, weight initialisation, and where its weights live."""
+"""What every Llama module tree shares: its config, weight initialisation and parameter count."""
 import math
 
-import torch
 from torch import nn
 
 from config import LlamaConfig
@@ -23,14 +22,6 @@ class LlamaPreTrainedModel(nn.Module):
             if name.endswith(("w3.weight", "wo.weight")):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
+    def num_parameters(self) -> int:
         """Parameters counted once each (the tied embedding/output matrix is one)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        return sum(p.numel() for p in self.parameters())

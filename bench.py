@@ -286,7 +286,7 @@ def main() -> None:
     shape = "checkpoint " + args.checkpoint if args.checkpoint else ("tiny random" if args.quick else "stories42M shape, random weights")
     print(f"minLlama2 vs transformers: {shape}, fp32, {args.threads} threads, median of {args.repeats}")
     rows = bench_inference(args) + bench_training(args) + bench_sst(args)
-    print(f"\n| measure | minLlama2 | transformers | ratio | note |\n| --- | ---: | ---: | ---: | --- |")
+    print("\n| measure | minLlama2 | transformers | ratio | note |\n| --- | ---: | ---: | ---: | --- |")
     for name, ours, theirs, note in rows:
         better_when_lower = "lower is better" in name
         ratio = theirs / ours if better_when_lower else ours / theirs

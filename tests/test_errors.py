@@ -1,6 +1,5 @@
 """Every bad input ends with exit status 2 and one line on stderr that names the culprit: no traceback, and
 no output file created or changed."""
-import json
 import os
 
 import pytest
