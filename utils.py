@@ -93,6 +93,9 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         os.unlink(tmp_path)

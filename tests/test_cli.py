@@ -51,6 +51,9 @@ def test_generate_writes_both_files_as_a_real_process(tmp_path):
     continuation = greedy[len(run_llama.ASSIGNMENT_PREFIX):]
     assert len(continuation.split()) > 25 and continuation != sampled[len(run_llama.ASSIGNMENT_PREFIX):]
     assert greedy in result.stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "generated-sentence-temp-0.txt").st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_free_prompt_with_temperature(tmp_path):
