@@ -346,20 +346,18 @@ def fit(model: torch.nn.Module, train: Split, dev: Split, args: argparse.Namespa
             labels = torch.tensor([train.labels[i] for i in mine], device=runtime.device)
             with runtime.autocast():
                 loss = F.nll_loss(trainer(tokens.to(runtime.device), batch_lengths.to(runtime.device)), labels)
-            check = loss.detach().clone()
-            if runtime.world_size > 1:
-                torch.distributed.all_reduce(check)  # every process stops together
-            if not torch.isfinite(check):
-                raise UsageError(f"training loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr "
+            loss_value = loss.item()
+            if not runtime.all_finite(loss_value):
+                raise UsageError(f"training loss became {loss_value} at epoch {epoch}, step {step}; lower --lr "
                                  f"(the best checkpoint so far is kept in {args.filepath})")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total_loss += loss.item() * len(mine)
+            total_loss += loss_value * len(mine)
             n_seen += len(mine)
             bar.set_postfix(loss=f"{total_loss / n_seen:.3f}",
-                                 ex_per_s=f"{n_seen * runtime.world_size / (time.perf_counter() - start):.1f}")
+                            ex_per_s=f"{n_seen * runtime.world_size / (time.perf_counter() - start):.1f}")
 
         dev_acc = accuracy_score(dev.labels, predict(model, dev, args.batch_size, pad_id, runtime))
         print(f"epoch {epoch}: train loss :: {total_loss / max(n_seen, 1):.3f}, dev acc :: {dev_acc:.3f}, "

@@ -2,6 +2,7 @@
 processes), atomic file writes, data files and batching."""
 import dataclasses
 import json
+import math
 import os
 import random
 import tempfile
@@ -45,6 +46,14 @@ class Runtime:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def all_finite(self, value: float) -> bool:
+        """Whether value is finite in every process, so that all of them stop together when one cannot go on."""
+        if self.world_size == 1:
+            return math.isfinite(value)
+        flag = torch.tensor([float(math.isfinite(value))], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
 
     def gather(self, obj: Any) -> list[Any]:
         """Every process's obj, in rank order."""
