@@ -29,7 +29,7 @@ class LlamaZeroShotClassifier(nn.Module):
             label = torch.tensor(label_ids, device=tokens.device).expand(batch_size, -1)  # (batch, n)
             positions = lengths[:, None] + torch.arange(len(label_ids), device=tokens.device)  # (batch, n)
             extended = F.pad(tokens, (0, len(label_ids))).scatter(1, positions, label)  # prompt + label
-            _, hidden = self.llama(extended)
+            hidden = self.llama.hidden_states(extended)
             # the token at position p is predicted by the hidden state at p - 1
             predicting = hidden.gather(1, (positions - 1)[..., None].expand(-1, -1, hidden.shape[-1]))
             log_probs = F.log_softmax(self.llama.output(predicting).float(), dim=-1)  # (batch, n, vocab)
@@ -46,8 +46,12 @@ class LlamaEmbeddingClassifier(nn.Module):
         self.num_labels = num_labels
         self.dropout = nn.Dropout(hidden_dropout_prob)
         self.classifier_head = nn.Linear(llama.config.dim, num_labels)
+        if not llama.tied_embeddings:
+            # The head replaces the language-model output: an untied output matrix gets no gradient, and must
+            # not count as trained (DistributedDataParallel would wait for its gradient forever).
+            llama.output.weight.requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        _, hidden = self.llama(tokens)  # (batch, seqlen, dim)
+        hidden = self.llama.hidden_states(tokens)  # (batch, seqlen, dim)
         last = hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]  # (batch, dim)
         return F.log_softmax(self.classifier_head(self.dropout(last)).float(), dim=-1)

@@ -28,6 +28,11 @@ class LlamaConfig:
         if self.hidden_dim is None:
             hidden = int(2 * (4 * self.dim) / 3)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        sizes = (self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.vocab_size, self.hidden_dim,
+                 self.max_seq_len)
+        if not all(isinstance(n, int) and n > 0 for n in sizes):
+            raise ValueError(f"dim, n_layers, n_heads, n_kv_heads, vocab_size, hidden_dim and max_seq_len must be "
+                             f"positive integers, got {sizes}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim ({self.dim}) must divide into n_heads ({self.n_heads}) heads, "
                              f"and n_heads into n_kv_heads ({self.n_kv_heads}) groups")

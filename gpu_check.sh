@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The --use_gpu check: generate, prompt, finetune and lora on stories260K, in fp32 and bf16, on one GPU.
+# The --use_gpu check: generate, prompt, finetune, lora, lora --resume and classify on stories260K, in fp32
+# and bf16, on one GPU.
 # Run it on a machine with CUDA after ./setup.sh (a few minutes); it stops at the first failure.
 #   ./gpu_check.sh [OUT_DIR]
 set -euo pipefail
@@ -20,7 +21,14 @@ for dtype in fp32 bf16; do
   $py run_llama.py --option finetune "${model[@]}" "${sst[@]}" --dtype $dtype --epochs 2 --batch_size 80 --lr 1e-3 \
     --filepath "$out/finetune-$dtype.pt" --dev_out "$out/sst-dev-finetuning-$dtype.txt" --test_out "$out/sst-test-finetuning-$dtype.txt"
   $py run_llama.py --option lora "${model[@]}" "${sst[@]}" --dtype $dtype --epochs 2 --batch_size 80 --lr 2e-3 \
+    --filepath "$out/lora-$dtype.pt" --dev_out "$out/sst-dev-lora-$dtype.txt" --test_out "$out/sst-test-lora-$dtype.txt" --overwrite
+  # --resume on the GPU: CPU and CUDA random-number states come back from the state file
+  $py run_llama.py --option lora "${model[@]}" "${sst[@]}" --dtype $dtype --epochs 3 --batch_size 80 --lr 2e-3 --resume \
     --filepath "$out/lora-$dtype.pt" --dev_out "$out/sst-dev-lora-$dtype.txt" --test_out "$out/sst-test-lora-$dtype.txt"
+  # the trained checkpoint labels the dev file again, as the training run did
+  $py run_llama.py --option classify --use_gpu --filepath "$out/lora-$dtype.pt" --input data/sst-dev.txt \
+    --output "$out/sst-dev-classify-$dtype.txt"
+  cmp "$out/sst-dev-classify-$dtype.txt" "$out/sst-dev-lora-$dtype.txt"
 done
 # greedy decoding in bf16 may drift from fp32 after some tokens; both must still be text that continues the prefix
 head -c 300 "$out"/gen-*-temp-0.txt

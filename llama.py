@@ -15,7 +15,7 @@ from torch import nn
 from base_llama import LlamaPreTrainedModel
 from config import LlamaConfig
 from rope import precompute_freqs_cis, rotate
-from utils import UsageError
+from utils import UsageError, load_tensors, require_file
 
 
 class RMSNorm(nn.Module):
@@ -124,9 +124,19 @@ class Llama(LlamaPreTrainedModel):
         if tied_embeddings:
             self.tok_embeddings.weight = self.output.weight
         self.init_weights()
-        # Derived from the config, so not saved in checkpoints (persistent=False).
-        freqs_cis = precompute_freqs_cis(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("freqs_cis", freqs_cis, persistent=False)
+        self.freqs_cis = self._rope_table()  # (max_seq_len, head_dim // 2) complex64
+
+    def _rope_table(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        config = self.config
+        return precompute_freqs_cis(config.head_dim, config.max_seq_len, config.rope_theta).to(device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # The rotary table is derived from the config: a plain attribute, not a buffer, because .to(dtype),
+        # .half() and .bfloat16() would cast a buffer to a real dtype (dropping the imaginary part) or round
+        # it. Moves rebuild it, complex64, wherever the weights now are.
+        super()._apply(fn, *args, **kwargs)
+        self.freqs_cis = self._rope_table(self.output.weight.device)
+        return self
 
     @property
     def tied_embeddings(self) -> bool:
@@ -144,10 +154,20 @@ class Llama(LlamaPreTrainedModel):
         """tokens (batch, seqlen) -> (logits, hidden_states).
 
         logits are (batch, 1, vocab) for the last position, or (batch, seqlen, vocab) with all_logits;
-        hidden_states (batch, seqlen, dim) are the final normalised ones. padding_mask (batch, start_pos +
-        seqlen), True at real tokens, keeps padding out of every real token's attention. causal=False exists
-        only to reproduce the assignment's reference outputs (sanity_check.py). With kv_caches, tokens are
-        positions start_pos.. of sequences whose earlier keys/values are in the caches.
+        hidden_states (batch, seqlen, dim) are the final normalised ones (see hidden_states for the rest).
+        """
+        h = self.hidden_states(tokens, padding_mask, causal, kv_caches, start_pos)
+        logits = self.output(h if all_logits else h[:, [-1], :])
+        return logits, h
+
+    def hidden_states(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, causal: bool = True,
+                      kv_caches: Optional[list[KVCache]] = None, start_pos: int = 0) -> torch.Tensor:
+        """tokens (batch, seqlen) -> final normalised hidden states (batch, seqlen, dim), without the output
+        layer (a classifier needs none of its 32000-wide logits).
+
+        padding_mask (batch, start_pos + seqlen), True at real tokens, keeps padding out of every real token's
+        attention. causal=False exists only to reproduce the assignment's reference outputs (sanity_check.py).
+        With kv_caches, tokens are positions start_pos.. of sequences whose earlier keys/values are in the caches.
         """
         seqlen = tokens.shape[1]
         if start_pos + seqlen > self.config.max_seq_len:
@@ -158,9 +178,7 @@ class Llama(LlamaPreTrainedModel):
         h = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, mask, is_causal, kv_caches[i] if kv_caches else None, start_pos)
-        h = self.norm(h)
-        logits = self.output(h if all_logits else h[:, [-1], :])
-        return logits, h
+        return self.norm(h)
 
     @torch.inference_mode()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -215,15 +233,19 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: Optional[
     """logits (batch, vocab) -> next token ids (batch, 1)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # Shift the best logit to 0 before dividing: a tiny temperature then sends the others to -inf, never to
+    # inf - inf = NaN, and sampling becomes greedy as it should.
+    logits = logits.double()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None:
+    if top_p is not None and top_p < 1.0:
+        # float64, because a float32 cumulative sum reaches 1.0 while thousands of tokens remain
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # drop a token once the tokens ranked above it already reach top_p
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
@@ -239,9 +261,8 @@ _LEGACY_HEADER = struct.Struct("7i")  # dim, hidden_dim, n_layers, n_heads, n_kv
 def load_pretrained(checkpoint: str) -> Llama:
     """A Llama with the weights of a llama2.c checkpoint: train.py's .pt ({"model", "model_args", ...}) or the
     legacy .bin export. Anything else, or a checkpoint that does not match its own config, is a UsageError."""
-    if not os.path.isfile(checkpoint):
-        raise UsageError(f"checkpoint {checkpoint}: no such file; run ./setup.sh to fetch the models, "
-                         f"or pass --pretrained-model-path")
+    fix = "run ./setup.sh to fetch the models, or pass --pretrained-model-path"
+    require_file("checkpoint", checkpoint, fix)
     if os.path.getsize(checkpoint) == 0:
         raise UsageError(f"checkpoint {checkpoint}: the file is empty; fetch it again (./setup.sh)")
     with open(checkpoint, "rb") as f:
@@ -251,40 +272,49 @@ def load_pretrained(checkpoint: str) -> Llama:
         config, state_dict, tied = _read_train_checkpoint(checkpoint)
     else:
         config, state_dict, tied = _read_legacy_export(checkpoint)
-    model = Llama(config, tied_embeddings=tied)
-    _load_strict(model, state_dict, checkpoint)
+    # Built on the meta device first: its shapes are checked against the file before any memory is taken
+    # (a hostile model_args could ask for terabytes), and no time goes into random weights that are replaced.
+    with torch.device("meta"):
+        model = Llama(config, tied_embeddings=tied)
+    _check_tensors(model, state_dict, checkpoint)
+    model.to_empty(device="cpu")
+    if tied:
+        model.tok_embeddings.weight = model.output.weight  # to_empty makes new parameters, one per name
+    model.load_state_dict(state_dict, strict=True)
     return model
 
 
 def _read_train_checkpoint(path: str) -> Tuple[LlamaConfig, dict, bool]:
-    try:
-        ckpt = _torch_load(path)
-    except Exception as e:  # torch raises several types for a file it cannot read
-        raise UsageError(f"checkpoint {path}: truncated, corrupt or not a tensor checkpoint ({_first_line(e)}); "
-                         f"fetch it again") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+    ckpt = load_tensors(path, "checkpoint", "fetch it again (./setup.sh)")
+    if isinstance(ckpt, dict) and "trainable" in ckpt:
+        raise UsageError(f"checkpoint {path}: written by run_llama.py --option {ckpt.get('option', 'finetune/lora')} "
+                         f"(a trained classifier, not a base model); use it with --option classify --filepath {path}")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
+            or not isinstance(ckpt.get("model_args"), dict):
+        keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UsageError(f"checkpoint {path}: expected llama2.c train.py's dict with 'model' and 'model_args', "
                          f"found {keys}")
     try:
         config = LlamaConfig.from_model_args(ckpt["model_args"])
     except (TypeError, ValueError) as e:
         raise UsageError(f"checkpoint {path}: model_args are not a valid Llama config ({e})") from e
-    state_dict = {_canonical_name(k): v for k, v in ckpt["model"].items()}
+    _check_plausible(config, path)
+    state_dict = {_canonical_name(str(k)): v for k, v in ckpt["model"].items()}
+    if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in state_dict.values()):
+        raise UsageError(f"checkpoint {path}: 'model' holds something other than float tensors; fetch it again")
     embeddings, output = state_dict.get("tok_embeddings.weight"), state_dict.get("output.weight")
-    tied = embeddings is None or output is None or torch.equal(embeddings, output)
+    tied = embeddings is None or output is None or (embeddings.shape == output.shape and torch.equal(embeddings, output))
     return config, state_dict, tied
 
 
-def _torch_load(path: str) -> object:
-    """Tensors and plain containers only (weights_only: no code runs from the file)."""
-    try:
-        # mmap: the optimizer state that train.py saves beside the model is never read from disk.
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # torch's pre-1.6 format cannot be mapped
+def _check_plausible(config: LlamaConfig, path: str) -> None:
+    """Sizes no llama2.c model has: refused before anything is allocated."""
+    sizes = dict(dim=config.dim, hidden_dim=config.hidden_dim, n_layers=config.n_layers, n_heads=config.n_heads,
+                 vocab_size=config.vocab_size, max_seq_len=config.max_seq_len)
+    for name, value in sizes.items():
+        if not isinstance(value, int) or not 0 < value <= 1 << 20:
+            raise UsageError(f"checkpoint {path}: model_args {name} = {value!r} is not a plausible model size; "
+                             f"the file is corrupt or not a llama2.c checkpoint")
 
 
 def _canonical_name(name: str) -> str:
@@ -337,8 +367,8 @@ def _read_legacy_export(path: str) -> Tuple[LlamaConfig, dict, bool]:
     return config, state_dict, tied
 
 
-def _load_strict(model: Llama, state_dict: dict, path: str) -> None:
-    """Copy every tensor in, refusing to leave any weight at its random initialisation."""
+def _check_tensors(model: Llama, state_dict: dict, path: str) -> None:
+    """Every weight of the model, and nothing else, at its shape: none may stay uninitialised."""
     if model.tied_embeddings:
         state_dict.setdefault("output.weight", state_dict.get("tok_embeddings.weight"))
         state_dict.setdefault("tok_embeddings.weight", state_dict["output.weight"])
@@ -353,9 +383,3 @@ def _load_strict(model: Llama, state_dict: dict, path: str) -> None:
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise UsageError(f"checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)} but its model_args "
                              f"give {tuple(expected[name].shape)}; the file is inconsistent")
-    model.load_state_dict(state_dict, strict=True)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

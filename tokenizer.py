@@ -1,19 +1,17 @@
 """The sentencepiece tokenizer that a llama2.c model was trained with (Llama 2's, or a custom one)."""
-import os
 from typing import List, Optional
 
 from sentencepiece import SentencePieceProcessor
 
-from utils import UsageError
+from utils import UsageError, require_file
 
 TOKENIZER_MODEL = "tokenizer.model"  # Llama 2's 32000-piece model, the one stories15M/42M/110M use
 
 
 class Tokenizer:
-    def __init__(self, max_len: Optional[int] = None, tokenizer_model: Optional[str] = None):
+    def __init__(self, tokenizer_model: Optional[str] = None):
         model_path = tokenizer_model or TOKENIZER_MODEL
-        if not os.path.isfile(model_path):
-            raise UsageError(f"tokenizer {model_path}: no such file; run ./setup.sh, or pass --tokenizer")
+        require_file("--tokenizer", model_path, "run ./setup.sh, or pass --tokenizer")
         self.sp_model = SentencePieceProcessor()
         try:
             self.sp_model.Load(model_path)
@@ -21,7 +19,6 @@ class Tokenizer:
             raise UsageError(f"tokenizer {model_path}: not a sentencepiece model; pass a .model file "
                              f"with --tokenizer") from e
         self.model_path = model_path
-        self.max_len = max_len
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
@@ -31,8 +28,6 @@ class Tokenizer:
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         tokens = self.sp_model.encode(s)
-        if self.max_len is not None:
-            tokens = tokens[: self.max_len]
         return [self.bos_id] * bos + tokens + [self.eos_id] * eos
 
     def decode(self, tokens: List[int]) -> str:

@@ -1,13 +1,16 @@
 """Small shared pieces: the user-facing error type, seeding, where and how to run (device, precision,
 processes), atomic file writes, data files and batching."""
+import codecs
 import dataclasses
+import hashlib
 import json
-import math
 import os
 import random
+import signal
+import sys
 import tempfile
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Optional
 
 import numpy as np
 import torch
@@ -16,6 +19,30 @@ import torch
 class UsageError(Exception):
     """A problem with the user's input (a file, a flag, a value). The message names the culprit and the fix;
     run_llama.main() prints it on one line and exits with status 2."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it;
+    `progress` says what was saved, for main()'s one-line message. The exit status is 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.status = 128 + signum
+        self.progress = "no output file was left half-written"
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise Interrupted (in the main thread, between two operations)."""
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def seed_everything(seed: int) -> None:
@@ -47,13 +74,13 @@ class Runtime:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def all_finite(self, value: float) -> bool:
-        """Whether value is finite in every process, so that all of them stop together when one cannot go on."""
+    def sum(self, value: float) -> float:
+        """value summed over the processes (one all-reduce; a NaN or inf anywhere reaches every process)."""
         if self.world_size == 1:
-            return math.isfinite(value)
-        flag = torch.tensor([float(math.isfinite(value))], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return total.item()
 
     def gather(self, obj: Any) -> list[Any]:
         """Every process's obj, in rank order."""
@@ -70,14 +97,20 @@ def start_runtime(use_gpu: bool, dtype: str) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = get_device(use_gpu, local_rank)
-    if dtype == "fp16" and device.type == "cpu":
-        raise UsageError("--dtype fp16 needs --use_gpu; on a CPU use bf16 or fp32")
+    precision = amp_dtype(dtype, device)
     if world_size == 1:
-        return Runtime(device, DTYPES[dtype])
+        return Runtime(device, precision)
     if device.type == "mps":
         raise UsageError("torchrun with --use_gpu needs CUDA; Apple MPS runs one process")
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, DTYPES[dtype], torch.distributed.get_rank(), world_size)
+    return Runtime(device, precision, torch.distributed.get_rank(), world_size)
+
+
+def amp_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype that --dtype names (None for fp32)."""
+    if dtype == "fp16" and device.type == "cpu":
+        raise UsageError("--dtype fp16 needs --use_gpu; on a CPU use bf16 or fp32")
+    return DTYPES[dtype]
 
 
 def get_device(use_gpu: bool, local_rank: int = 0) -> torch.device:
@@ -94,77 +127,166 @@ def get_device(use_gpu: bool, local_rank: int = 0) -> torch.device:
     raise UsageError("--use_gpu: no CUDA or Apple MPS device is available; run without --use_gpu to use the CPU")
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`: an interrupted
-    run leaves the old file or none, never half of one."""
+def require_file(flag: str, path: str, fix: str) -> None:
+    """A readable file at path, or a UsageError naming flag, path and fix (e.g. "run ./setup.sh")."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder, not a file; {fix}")
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file; {fix}")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{flag} {path}: not readable (permissions); fix its permissions or pass another file")
+
+
+def check_outputs(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]]) -> None:
+    """Before any work: every output (flag, path) can be written, is not a folder, is no input of the run
+    and is not another output of it; otherwise a UsageError naming the flags."""
+    seen: dict[str, str] = {}
+    for flag, path in inputs:
+        if path and path != "-":
+            seen.setdefault(os.path.realpath(path), flag)
+    input_paths = dict(seen)
+    for flag, path in outputs:
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: is a folder; name a file, e.g. {os.path.join(path, 'out.txt')}")
+        if not os.path.isdir(folder):
+            raise UsageError(f"{flag} {path}: folder {folder} does not exist; create it or pick another path")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"{flag} {path}: folder {folder} is not writable; pick another path")
+        real = os.path.realpath(path)
+        if real in seen:
+            what = "an input" if real in input_paths else "another output"
+            raise UsageError(f"{flag} {path}: is also {seen[real]}, {what} of this run, and would be overwritten; "
+                             f"pick another path")
+        seen[real] = flag
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`: an
+    interrupted run, or a full disk, leaves the old file or none, never half of one. A failed write is a
+    UsageError naming the file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
     try:
-        write(tmp_path)
+        with open(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp_path)
+        # torch.save reports a failed write as a RuntimeError around the OSError
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and isinstance(e.__cause__ or e.__context__, OSError)):
+            reason = e.strerror if isinstance(e, OSError) else (e.__cause__ or e.__context__).strerror
+            raise UsageError(f"could not write {path}: {reason}; free some space or pick another path "
+                             f"(the previous file, if any, is unchanged)") from e
         raise
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    def write(tmp_path: str) -> None:
-        with open(tmp_path, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def save_atomic(obj: object, path: str) -> None:
-    atomic_write(path, lambda tmp_path: torch.save(obj, tmp_path))
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_tensors(path: str, flag: str, fix: str = "delete it or pass another file") -> Any:
+    """torch.load with weights_only (tensors and plain values: no code runs from the file), memory-mapped so
+    that what is not used is never read; a file that is not one is a UsageError naming flag and fix."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # torch's pre-1.6 format cannot be mapped
+    except Exception as e:  # torch raises several types for a file it cannot read
+        raise UsageError(f"{flag} {path}: truncated, corrupt or not a PyTorch checkpoint ({first_line(e)}); "
+                         f"{fix}") from e
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Data files
 
-def read_labeled_data(path: str, flag: str) -> list[tuple[int, str]]:
-    """Read `<label> ||| <sentence>` lines into (label, sentence) pairs; `flag` names the option for errors."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: no such file; run ./setup.sh to fetch the data, or fix the path")
-    with open(path, "rb") as f:
-        raw_lines = f.read().splitlines()
-    examples = []
-    for line_no, raw in enumerate(raw_lines, start=1):
+def read_lines(path: str, flag: str) -> list[str]:
+    """The lines of a UTF-8 text file (or of standard input for "-"), without a byte-order mark."""
+    if path == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        require_file(flag, path, "run ./setup.sh to fetch the data, or fix the path")
+        with open(path, "rb") as f:
+            raw = f.read()
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # Notepad writes one
+    lines = []
+    for line_no, line in enumerate(raw.splitlines(), start=1):
         try:
-            line = raw.decode("utf-8")
+            lines.append(line.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise UsageError(f"{flag} {path}, line {line_no}: not UTF-8 ({e.reason} at byte {e.start}); "
                              f"re-save the file as UTF-8") from e
+    return lines
+
+
+def read_labeled_data(path: str, flag: str, labels_optional: bool = False) -> list[tuple[Optional[int], str]]:
+    """Read `<label> ||| <sentence>` lines into (label, sentence) pairs; `flag` names the option for errors.
+    With labels_optional, bare sentences are read too, with label None (all lines alike: labeled or not)."""
+    examples = []
+    for line_no, line in enumerate(read_lines(path, flag), start=1):
         if not line.strip():
             continue
         label, sep, sentence = line.partition(" ||| ")
         if not sep:
-            raise UsageError(f"{flag} {path}, line {line_no}: no ' ||| ' separator; each line must be "
-                             f"'<label> ||| <sentence>'")
-        try:
-            examples.append((int(label.strip()), sentence.strip()))
-        except ValueError as e:
-            raise UsageError(f"{flag} {path}, line {line_no}: label {label.strip()!r} is not an integer") from e
+            if not labels_optional:
+                raise UsageError(f"{flag} {path}, line {line_no}: no ' ||| ' separator; each line must be "
+                                 f"'<label> ||| <sentence>'")
+            label, sentence = None, line
+        else:
+            try:
+                label = int(label.strip())
+            except ValueError as e:
+                if not labels_optional:
+                    raise UsageError(f"{flag} {path}, line {line_no}: label {label.strip()!r} is not an integer") from e
+                label, sentence = None, line
+        if examples and (label is None) != (examples[0][0] is None):
+            raise UsageError(f"{flag} {path}, line {line_no}: some lines have a '<label> ||| ' and some do not; "
+                             f"label every line or none")
+        examples.append((label, sentence.strip()))
     if not examples:
         raise UsageError(f"{flag} {path}: the file has no examples; each line must be '<label> ||| <sentence>'")
     return examples
 
 
 def read_label_names(path: str) -> list[str]:
-    """The label-mapping JSON: a list of names, the i-th naming label i."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--label-names {path}: no such file; run ./setup.sh, or fix the path")
+    """The label-mapping JSON: a list of distinct names, the i-th naming label i."""
+    require_file("--label-names", path, "run ./setup.sh, or fix the path")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             names = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"--label-names {path}: not valid JSON ({e}); it must be a list like [\"bad\", \"good\"]") from e
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
         raise UsageError(f"--label-names {path}: must be a JSON list of non-empty strings, like [\"bad\", \"good\"]")
+    stripped = [n.strip() for n in names]
+    duplicates = sorted({n for n in stripped if stripped.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"--label-names {path}: {duplicates[0]!r} is listed twice; each label needs its own name")
     return names
 
 
@@ -200,11 +322,14 @@ def make_batches(lengths: list[int], batch_size: int, shuffle: bool,
     return batches
 
 
-def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
-    """One process's share of a global batch; a batch shorter than world_size is cycled so none gets nothing."""
+def shard(indices: list[int], rank: int, world_size: int) -> tuple[list[int], list[float]]:
+    """One process's share of a global batch and the weight of each example in it: 1, or 0 for the copies that
+    fill a batch shorter than world_size, so that every process has work and none is counted twice."""
+    weights = [1.0] * len(indices)
     if len(indices) < world_size:
         indices = (indices * world_size)[:world_size]
-    return indices[rank::world_size]
+        weights = (weights + [0.0] * world_size)[:world_size]
+    return indices[rank::world_size], weights[rank::world_size]
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

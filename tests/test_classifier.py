@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier
 from conftest import STORIES260K, TOK512, asset
 from llama import load_pretrained
-from run_llama import Split, predict, prompt_suffix_text
+from run_llama import Split, predict, prompt_suffix_text, tokenize
 from utils import Runtime
 from tokenizer import Tokenizer
 from utils import read_labeled_data
@@ -43,9 +43,9 @@ def test_batch_size_does_not_change_zero_shot_predictions():
     llama = load_pretrained(asset(STORIES260K))
     model = LlamaZeroShotClassifier(llama, [tokenizer.encode(name, bos=False, eos=False) for name in LABELS])
     split = sst_split(tokenizer, tokenizer.encode(prompt_suffix_text(LABELS), bos=False, eos=False))
-    one_by_one = predict(model, split, 1, tokenizer.pad_id, CPU)
-    assert predict(model, split, 7, tokenizer.pad_id, CPU) == one_by_one
-    assert predict(model, split, 60, tokenizer.pad_id, CPU) == one_by_one
+    one_by_one = predict(model, split, 1, tokenizer.pad_id, CPU).argmax(-1).tolist()
+    assert predict(model, split, 7, tokenizer.pad_id, CPU).argmax(-1).tolist() == one_by_one
+    assert predict(model, split, 60, tokenizer.pad_id, CPU).argmax(-1).tolist() == one_by_one
     assert len(set(one_by_one)) > 1
 
 
@@ -55,8 +55,9 @@ def test_batch_size_does_not_change_classifier_predictions():
     model = LlamaEmbeddingClassifier(load_pretrained(asset(STORIES260K)), 5, hidden_dropout_prob=0.3)
     split = sst_split(tokenizer, [tokenizer.eos_id])
     one_by_one = predict(model, split, 1, tokenizer.pad_id, CPU)
-    assert predict(model, split, 9, tokenizer.pad_id, CPU) == one_by_one
-    assert predict(model, split, 60, tokenizer.pad_id, CPU) == one_by_one
+    torch.testing.assert_close(predict(model, split, 9, tokenizer.pad_id, CPU), one_by_one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(predict(model, split, 60, tokenizer.pad_id, CPU), one_by_one, atol=1e-5, rtol=1e-5)
+    assert len(set(one_by_one.argmax(-1).tolist())) > 1
 
 
 def test_embedding_classifier_reads_the_last_real_token():
@@ -72,3 +73,24 @@ def test_embedding_classifier_reads_the_last_real_token():
         expected = F.log_softmax(model.classifier_head(hidden[:, -1]), dim=-1)
     assert torch.allclose(alone, expected, atol=1e-6) and torch.allclose(in_batch, alone, atol=1e-5)
     assert torch.allclose(alone.exp().sum(), torch.tensor(1.0))
+
+
+def test_max_sentence_len_cuts_only_the_sentence():
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    suffix = tokenizer.encode(prompt_suffix_text(LABELS), bos=False, eos=False)
+    sentence = "a long and winding sentence about a film"
+    body = tokenizer.encode(sentence, bos=False, eos=False)
+    ids, n_cut = tokenize([(0, sentence)], tokenizer, 512, max_sentence_len=2, prompt_suffix=suffix)
+    assert ids == [[tokenizer.bos_id] + body[:2] + suffix] and n_cut == 0
+    ids, _ = tokenize([(0, sentence)], tokenizer, 512, max_sentence_len=3)
+    assert ids == [[tokenizer.bos_id] + body[:3] + [tokenizer.eos_id]]
+
+
+def test_an_untied_output_matrix_is_not_trained_by_the_classifier():
+    llama = load_pretrained(asset(STORIES260K))
+    llama.output.weight = torch.nn.Parameter(llama.output.weight.detach().clone())
+    model = LlamaEmbeddingClassifier(llama, 5, hidden_dropout_prob=0.0)
+    model(torch.randint(3, 512, (2, 6)), torch.tensor([6, 4])).sum().backward()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "llama.output.weight" not in trainable
+    assert all(model.get_parameter(name).grad is not None for name in trainable)

@@ -1,4 +1,5 @@
 """End to end on stories260K, as a user runs run_llama.py (in-process through main(), plus one real process)."""
+import json
 import os
 import subprocess
 import sys
@@ -27,13 +28,18 @@ def sst_subset(tmp_path):
             "--label-names", asset("data/sst-label-mapping.json")]
 
 
-def run(args, cwd) -> None:
+def status(args, cwd) -> int:
+    """run_llama.main(args) run in folder cwd."""
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        assert run_llama.main(args) == 0
+        return run_llama.main(args)
     finally:
         os.chdir(old)
+
+
+def run(args, cwd) -> None:
+    assert status(args, cwd) == 0
 
 
 def read_lines(path):
@@ -102,10 +108,15 @@ def test_lora_saves_a_small_adapter_and_trains_few_parameters(tmp_path, sst_subs
     assert percent < 5
 
 
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                               reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("option", ["finetune", "lora"])
-def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(tmp_path, sst_subset, option):
+def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(tmp_path, sst_subset, option, device):
     common = ["--option", option, *model_flags(), *sst_subset, "--batch_size", "16", "--lr", "2e-3",
-              "--hidden_dropout_prob", "0.3", "--filepath", "model.pt"]
+              "--hidden_dropout_prob", "0.3", "--filepath", "model.pt"] + (["--use_gpu"] if device == "cuda" else [])
     (tmp_path / "whole").mkdir()
     (tmp_path / "resumed").mkdir()
     run(common + ["--epochs", "3"], tmp_path / "whole")
@@ -114,7 +125,178 @@ def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(tmp_path, sst_s
     for name in (f"sst-dev-{run_llama.MODE_NAMES[option]}-output.txt", f"sst-test-{run_llama.MODE_NAMES[option]}-output.txt"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
     for name in ("model.pt", "model.pt.state"):
-        whole = torch.load(tmp_path / "whole" / name, weights_only=False)["trainable"]
-        resumed = torch.load(tmp_path / "resumed" / name, weights_only=False)["trainable"]
+        whole = torch.load(tmp_path / "whole" / name, weights_only=True)["trainable"]
+        resumed = torch.load(tmp_path / "resumed" / name, weights_only=True)["trainable"]
         assert whole.keys() == resumed.keys()
         assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def fails(args, cwd, capsys) -> str:
+    """Run, expect exit status 2, and return the one error line."""
+    assert status(args, cwd) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_resume_extends_a_run_and_refuses_another_runs_state(tmp_path, sst_subset, capsys):
+    """The default --filepath holds dataset, option and lr, not the epochs: --resume --epochs 2 extends an
+    --epochs 1 run. Any other changed training flag or file is named and refused."""
+    common = ["--option", "lora", *model_flags(), *sst_subset, "--batch_size", "16", "--lr", "2e-3"]
+    run(common + ["--epochs", "1"], tmp_path)
+    assert (tmp_path / "sst-lora-0.002.pt.state").is_file()
+    run(common + ["--epochs", "2", "--resume"], tmp_path)
+    assert "resumed from sst-lora-0.002.pt.state after epoch 0" in capsys.readouterr().out
+    cfimdb = ["--train", asset("data/cfimdb-dev.txt"), "--dev", asset("data/cfimdb-dev.txt"), "--test",
+              asset("data/cfimdb-test.txt"), "--label-names", asset("data/cfimdb-label-mapping.json")]
+    changes = {"--lr": ["--option", "lora", *model_flags(), *sst_subset, "--batch_size", "16", "--lr", "1e-3",
+                        "--filepath", "sst-lora-0.002.pt"],
+               "--train": ["--option", "lora", *model_flags(), *cfimdb, "--batch_size", "16", "--lr", "2e-3",
+                           "--filepath", "sst-lora-0.002.pt"],
+               "--option": [*common, "--option", "finetune", "--filepath", "sst-lora-0.002.pt"],
+               "--lora_rank": [*common, "--lora_rank", "8"],
+               "--dtype": [*common, "--dtype", "bf16"],
+               "--batch_size": [*common, "--batch_size", "8"]}
+    for flag, args in changes.items():
+        line = fails(args + ["--epochs", "3", "--resume"], tmp_path, capsys)
+        assert line.startswith("error: --resume sst-lora-0.002.pt.state") and f"{flag} " in line, line
+
+
+def test_a_checkpoint_of_another_run_is_replaced_only_with_overwrite(tmp_path, sst_subset, capsys):
+    common = ["--option", "finetune", *model_flags(), *sst_subset, "--batch_size", "16", "--lr", "1e-3",
+              "--filepath", "trained.pt"]
+    run(common + ["--epochs", "2"], tmp_path)
+    trained = (tmp_path / "trained.pt").read_bytes()
+    line = fails(common + ["--epochs", "0"], tmp_path, capsys)
+    assert "--filepath trained.pt" in line and "--epochs 2 there, 0 here" in line and "--overwrite" in line
+    assert (tmp_path / "trained.pt").read_bytes() == trained
+    run(common + ["--epochs", "2"], tmp_path)  # the same command again, as graders do
+    run(common + ["--epochs", "0", "--overwrite"], tmp_path)
+    assert torch.load(tmp_path / "trained.pt")["training"]["--epochs"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --option classify
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LoRA and a full fine-tuning run of 2 epochs on SST slices, each in its own folder, with a copy of the
+    base model and tokenizer beside the checkpoint (so a test can take them away)."""
+    folder = tmp_path_factory.mktemp("trained")
+    data = {}
+    for name, n in (("train", 120), ("dev", 40)):
+        with open(asset(f"data/sst-{name}.txt"), encoding="utf-8") as f:
+            (folder / f"sst-{name}.txt").write_text("".join(f.readlines()[:n]), encoding="utf-8")
+    runs = {}
+    for option in ("finetune", "lora"):
+        run_dir = folder / option
+        run_dir.mkdir()
+        for name in (STORIES260K, TOK512):
+            (run_dir / name).write_bytes(open(asset(name), "rb").read())
+        run(["--option", option, "--pretrained-model-path", STORIES260K, "--tokenizer", TOK512,
+             "--train", str(folder / "sst-train.txt"), "--dev", str(folder / "sst-dev.txt"),
+             "--test", str(folder / "sst-dev.txt"), "--label-names", asset("data/sst-label-mapping.json"),
+             "--epochs", "2", "--batch_size", "16", "--lr", "2e-3", "--filepath", "model.pt"], run_dir)
+        runs[option] = run_dir
+    data["runs"], data["dev"] = runs, folder / "sst-dev.txt"
+    return data
+
+
+@pytest.mark.parametrize("option", ["finetune", "lora"])
+def test_classify_reproduces_the_training_runs_dev_predictions_from_anywhere(trained, tmp_path, option, capsys):
+    run_dir = trained["runs"][option]
+    expected = (run_dir / f"sst-dev-{run_llama.MODE_NAMES[option]}-output.txt").read_bytes()
+    run(["--option", "classify", "--filepath", str(run_dir / "model.pt"), "--input", str(trained["dev"]),
+         "--output", "predicted.txt"], tmp_path)
+    assert (tmp_path / "predicted.txt").read_bytes() == expected
+    out = capsys.readouterr().out
+    assert "input acc ::" in out and "confusion matrix" in out
+    # the same weights exported as llama2.c's .bin have the same fingerprint
+    run(["--option", "classify", "--filepath", str(run_dir / "model.pt"), "--input", str(trained["dev"]),
+         "--output", "from-bin.txt", "--pretrained-model-path", asset("stories260K.bin")], tmp_path)
+    assert (tmp_path / "from-bin.txt").read_bytes() == expected
+
+
+def test_classify_reads_bare_sentences_from_standard_input(trained, tmp_path):
+    sentences = "A wonderful, moving film.\nDull and far too long.\n"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "run_llama.py"), "--option", "classify",
+                             "--filepath", str(trained["runs"]["lora"] / "model.pt"), "--input", "-"],
+                            input=sentences, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    names = json.load(open(asset("data/sst-label-mapping.json")))
+    assert [row[2] for row in rows] == sentences.splitlines()
+    assert all(row[0] in names and 0 < float(row[1]) <= 1 for row in rows), rows
+    assert os.listdir(tmp_path) == []
+
+
+def test_training_writes_one_metrics_line_per_epoch_and_a_png(trained):
+    import matplotlib.pyplot as plt
+    run_dir = trained["runs"]["finetune"]
+    lines = [json.loads(line) for line in (run_dir / "model.metrics.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in lines] == [0, 1]
+    assert set(lines[0]) == {"epoch", "train_loss", "dev_acc", "dev_f1", "seconds", "examples_per_s"}
+    image = plt.imread(run_dir / "model.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    assert saved["history"] == lines[:saved["best_epoch"] + 1] and saved["label_names"] == json.load(open(asset("data/sst-label-mapping.json")))
+    assert saved["base_model"]["model_args"]["dim"] == 64 and saved["base_model"]["relpath"] == STORIES260K
+
+
+def perturbed_copy(folder):
+    ckpt = torch.load(asset(STORIES260K))
+    ckpt["model"]["norm.weight"] = ckpt["model"]["norm.weight"] * 1.01
+    torch.save(ckpt, folder / "other.pt")
+    return str(folder / "other.pt")
+
+
+def test_classify_refuses_another_base_model_a_missing_one_and_old_checkpoints(trained, tmp_path, capsys):
+    checkpoint = str(trained["runs"]["lora"] / "model.pt")
+    common = ["--option", "classify", "--input", str(trained["dev"]), "--output", "out.txt"]
+    line = fails([*common, "--filepath", checkpoint, "--pretrained-model-path", perturbed_copy(tmp_path)], tmp_path, capsys)
+    assert "other.pt" in line and "stories260K.pt" in line
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "model.pt").write_bytes(open(checkpoint, "rb").read())
+    base = trained["runs"]["lora"] / STORIES260K
+    os.rename(base, tmp_path / "away.pt")
+    try:
+        line = fails([*common, "--filepath", str(moved / "model.pt")], tmp_path, capsys)
+    finally:
+        os.rename(tmp_path / "away.pt", base)
+    assert str(base) in line and "--pretrained-model-path" in line
+    torch.save({"option": "lora", "trainable": {}}, tmp_path / "old.pt")
+    line = fails([*common, "--filepath", str(tmp_path / "old.pt")], tmp_path, capsys)
+    assert "old.pt" in line and "earlier minLlama2" in line
+    assert not (tmp_path / "out.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flags
+
+def test_help_shows_defaults_and_the_state_file(capsys):
+    with pytest.raises(SystemExit):
+        run_llama.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("(default: 10)", "(default: 8;", "(default: 1e-05)", "(default: 0.3)", "data/cfimdb-train.txt",
+                  "<filepath>.state"):
+        assert words in text, words
+
+
+def test_flags_take_hyphens_and_underscores_alike():
+    args = run_llama.get_args(["--option", "prompt", "--batch-size", "3", "--label_names", "a.json", "--dev", "d.txt",
+                               "--test", "t.txt", "--max-sentence-len=5"])
+    assert (args.batch_size, args.label_names, args.max_sentence_len) == (3, "a.json", 5)
+
+
+def test_a_single_temperature_honours_the_output_flags(tmp_path):
+    common = ["--option", "generate", *model_flags(), "--max_new_tokens", "5", "--prompt", "Once upon a time"]
+    run(common + ["--temperature", "0.5", "--generated_sentence_high_temp_out", "sampled.txt"], tmp_path)
+    run(common + ["--temperature", "0", "--generated_sentence_low_temp_out", "greedy.txt"], tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["greedy.txt", "sampled.txt"]
+
+
+def test_max_sentence_len_never_cuts_a_generation_prompt(tmp_path):
+    run(["--option", "generate", *model_flags(), "--prompt", "Once upon a time there was a big dog", "--temperature",
+         "0", "--max_new_tokens", "3", "--max_sentence_len", "2"], tmp_path)
+    assert (tmp_path / "generated-sentence-temp-0.txt").read_text().startswith("Once upon a time there was a big dog")

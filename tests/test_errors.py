@@ -1,5 +1,6 @@
 """Every bad input ends with exit status 2 and one line on stderr that names the culprit: no traceback, and
 no output file created or changed."""
+import io
 import os
 
 import pytest
@@ -45,6 +46,47 @@ def pt_with_wrong_shapes(folder):
     return path
 
 
+def pt_with_huge_model_args(folder):
+    import torch
+    ckpt = torch.load(asset(STORIES260K))
+    ckpt["model_args"].update(dim=1 << 40, vocab_size=1 << 40)
+    path = os.path.join(folder, "huge.pt")
+    torch.save(ckpt, path)
+    return path
+
+
+def pt_with_non_tensors(folder):
+    import torch
+    ckpt = torch.load(asset(STORIES260K))
+    ckpt["model"]["norm.weight"] = "not a tensor"
+    path = os.path.join(folder, "odd.pt")
+    torch.save(ckpt, path)
+    return path
+
+
+def classifier_checkpoint(folder):
+    import torch
+    path = os.path.join(folder, "trained.pt")
+    torch.save({"format": "minllama2-classifier", "option": "lora", "trainable": {}}, path)
+    return path
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a tampered file would do without weights_only."""
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def state_file(folder, content) -> None:
+    import torch
+    torch.save(content, os.path.join(folder, "model.pt.state"))
+
+
+def copy_of(folder, source, name):
+    with open(source, "rb") as f:
+        return write(folder, name, f.read())
+
+
 # (case id, how to break the command, words the message must contain)
 CASES = [
     ("checkpoint missing", lambda d, a: a.set("--pretrained-model-path", "nope.pt"), ["nope.pt", "no such file"]),
@@ -76,6 +118,40 @@ CASES = [
     ("no gpu", lambda d, a: a.add("--use_gpu"), ["--use_gpu"]),
     ("output folder missing", lambda d, a: a.set("--dev_out", "no/such/dir/out.txt"), ["--dev_out", "does not exist"]),
     ("resume without state", lambda d, a: a.add("--resume"), ["--resume", "model.pt.state"]),
+    # hostile or damaged files
+    ("checkpoint model_args huge", lambda d, a: a.set("--pretrained-model-path", pt_with_huge_model_args(d)), ["huge.pt", "plausible"]),
+    ("checkpoint holds non-tensors", lambda d, a: a.set("--pretrained-model-path", pt_with_non_tensors(d)), ["odd.pt", "tensors"]),
+    ("checkpoint is a folder", lambda d, a: a.set("--pretrained-model-path", d), ["checkpoint", "folder"]),
+    ("own classifier as base model", lambda d, a: a.set("--pretrained-model-path", classifier_checkpoint(d)), ["trained.pt", "--option classify"]),
+    ("data is a folder", lambda d, a: a.set("--train", d), ["--train", "folder"]),
+    ("state runs code", lambda d, a: (state_file(d, RunsCode()), a.add("--resume")), ["--resume", "model.pt.state"]),
+    ("state is text", lambda d, a: (write(d, "model.pt.state", b"junk" * 100), a.add("--resume")), ["--resume", "model.pt.state", "corrupt"]),
+    ("state of another program", lambda d, a: (state_file(d, {"epoch": 3}), a.add("--resume")), ["model.pt.state", "training state"]),
+    ("state damaged", lambda d, a: (state_file(d, {"format": "minllama2-training-state", "training": []}), a.add("--resume")), ["model.pt.state", "damaged"]),
+    ("label names duplicated", lambda d, a: a.set("--label-names", write(d, "l.json", b'["bad", "bad "]')), ["l.json", "'bad'", "twice"]),
+    # flag values
+    ("lr infinite", lambda d, a: a.set("--lr", "inf"), ["--lr", "finite"]),
+    ("temperature nan", lambda d, a: a.set("--temperature", "nan"), ["--temperature", "finite"]),
+    ("top_p nan", lambda d, a: a.set("--top_p", "nan"), ["--top_p", "finite"]),
+    ("dropout nan", lambda d, a: a.set("--hidden_dropout_prob", "nan"), ["--hidden_dropout_prob", "finite"]),
+    ("lora alpha infinite", lambda d, a: a.set("--lora_alpha", "inf"), ["--lora_alpha", "finite"]),
+    ("epochs not a number", lambda d, a: a.set("--epochs", "three"), ["--epochs", "'three'"]),
+    ("unknown flag", lambda d, a: a.add("--learning_rate"), ["--learning_rate"]),
+    ("unknown option", lambda d, a: a.set("--option", "train"), ["--option", "'train'"]),
+    ("resume without training", lambda d, a: (a.set("--option", "prompt"), a.add("--resume")), ["--resume", "finetune"]),
+    ("classify without input", lambda d, a: a.set("--option", "classify"), ["--input", "--filepath"]),
+    # outputs: never a folder, an input or another output
+    ("dev_out is a folder", lambda d, a: a.set("--dev_out", d), ["--dev_out", "folder"]),
+    ("filepath is a folder", lambda d, a: a.set("--filepath", d), ["--filepath", "folder"]),
+    ("dev_out is the dev data", lambda d, a: a.set("--dev_out", a.flags["--dev"]), ["--dev_out", "--dev"]),
+    ("test_out is the label mapping", lambda d, a: a.set("--test_out", a.flags["--label-names"]), ["--test_out", "--label-names"]),
+    ("test_out is dev_out", lambda d, a: a.set("--test_out", "dev.txt-out"), ["--test_out", "--dev_out"]),
+    ("filepath is the base model", lambda d, a: (a.set("--pretrained-model-path", copy_of(d, asset(STORIES260K), "base.pt")),
+                                                a.set("--filepath", "base.pt")), ["--filepath", "--pretrained-model-path"]),
+    ("generation out is the tokenizer", lambda d, a: (a.set("--option", "generate"), a.set("--tokenizer", copy_of(d, asset(TOK512), "t.model")),
+                                                      a.set("--generated_sentence_low_temp_out", "t.model")), ["--generated_sentence_low_temp_out", "--tokenizer"]),
+    ("another run's checkpoint", lambda d, a: None, ["--filepath", "model.pt", "--overwrite"]),
+    ("data flags mixed", lambda d, a: a.unset("--train"), ["--train", "data/cfimdb-train.txt"]),
 ]
 
 
@@ -92,6 +168,9 @@ class Command:
 
     def add(self, flag):
         self.extra.append(flag)
+
+    def unset(self, flag):
+        del self.flags[flag]
 
     def argv(self):
         return [x for pair in self.flags.items() for x in pair] + self.extra
@@ -119,6 +198,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, case,
     after = {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)}
     assert after == before, "an output file was created or changed"
     assert (tmp_path / "model.pt").read_text() == SENTINEL
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_windows_line_endings_are_accepted(tmp_path, monkeypatch):
@@ -130,13 +210,98 @@ def test_windows_line_endings_are_accepted(tmp_path, monkeypatch):
     assert (tmp_path / "crlf-dev-prompting-output.txt").read_text().splitlines()[1].endswith("||| dull film")
 
 
-def test_a_prompt_longer_than_the_window_is_cut_from_the_left_with_a_warning(tmp_path, monkeypatch, capsys):
+def test_a_prompt_longer_than_the_window_is_cut_from_the_left_keeping_the_start_token(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    prompts = []
+    generate = run_llama.Llama.generate
+    monkeypatch.setattr(run_llama.Llama, "generate", lambda self, idx, *a, **k: prompts.append(idx) or generate(self, idx, *a, **k))
     argv = ["--pretrained-model-path", asset(STORIES260K), "--tokenizer", asset(TOK512), "--temperature", "0",
             "--prompt", "word " * 600, "--max_new_tokens", "5"]
     assert run_llama.main(argv) == 0
-    assert "keeping its last 511" in capsys.readouterr().err
+    assert "keeping its last 510 after the start token" in capsys.readouterr().err
+    assert prompts[0].shape == (1, 511) and prompts[0][0, 0].item() == 1  # <s>
     assert (tmp_path / "generated-sentence-temp-0.txt").exists()
+
+
+def test_byte_order_marks_are_accepted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    command = Command(str(tmp_path))
+    command.set("--option", "prompt")
+    command.set("--dev", write(str(tmp_path), "bom.txt", b"\xef\xbb\xbf3 ||| fine film\n0 ||| dull film\n"))
+    command.set("--label-names", write(str(tmp_path), "bom.json", b'\xef\xbb\xbf["bad", "good", "x", "y"]'))
+    command.set("--test", write(str(tmp_path), "t.txt", b"1 ||| ok\n2 ||| so so\n"))
+    assert run_llama.main(command.argv()) == 0
+    assert (tmp_path / "bom-dev-prompting-output.txt").read_text().splitlines()[0].endswith("||| fine film")
+
+
+def test_labels_that_the_data_never_uses_are_warned_about(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = Command(str(tmp_path))
+    command.set("--option", "prompt")
+    command.set("--label-names", asset("data/sst-label-mapping.json"))
+    assert run_llama.main(command.argv()) == 0
+    assert "uses labels [0, 1] only" in capsys.readouterr().err
+
+
+def test_a_split_with_one_label_value_says_its_accuracy_may_mean_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = Command(str(tmp_path))
+    command.set("--option", "prompt")
+    assert run_llama.main(command.argv()) == 0
+    test_line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("test acc")][0]
+    assert "every test label is 0" in test_line and "means nothing" in test_line
+
+
+def test_a_full_disk_keeps_the_previous_file_and_ends_with_one_line(tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of each kind of write: checkpoint and state (torch.save), predictions (text)."""
+    import errno
+    import utils
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("model.pt", "model.pt.state", "preds.txt"):
+        path = tmp_path / name
+        path.write_text(SENTINEL)
+        monkeypatch.setattr(utils, "open", lambda fd, mode: FullDisk(fd, mode.replace("b", "")), raising=False)
+        writer = utils.write_text_atomic if name.endswith(".txt") else lambda p, t: utils.save_atomic({"t": t}, p)
+        with pytest.raises(utils.UsageError, match=f"could not write {path}: No space left on device"):
+            writer(str(path), "new contents")
+        monkeypatch.undo()
+        assert path.read_text() == SENTINEL
+    assert sorted(os.listdir(tmp_path)) == ["model.pt", "model.pt.state", "preds.txt"]  # no temporary file left
+
+
+def test_a_full_disk_during_training_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    import utils
+
+    monkeypatch.chdir(tmp_path)
+    real_save = utils.torch.save
+
+    def save(obj, f):
+        real_save(obj, f)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(utils.torch, "save", save)
+    assert run_llama.main(Command(str(tmp_path)).argv()) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: could not write model.pt: No space left on device")
+    assert not os.path.exists(tmp_path / "model.pt")
+
+
+def test_a_non_finite_loss_in_the_first_epoch_names_no_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = Command(str(tmp_path))
+    command.set("--train", write(str(tmp_path), "long.txt", b"0 ||| a bad film\n1 ||| a good film\n" * 8))
+    command.set("--batch_size", "1")  # the first steps' updates already break a later step of epoch 0
+    command.set("--lr", "1e30")
+    assert run_llama.main(command.argv()) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: training loss became") and "at epoch 0" in last_line
+    assert "checkpoint" not in last_line and not os.path.exists(tmp_path / "model.pt")
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_best_checkpoint(tmp_path, monkeypatch, capsys):

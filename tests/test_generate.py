@@ -57,3 +57,36 @@ def test_generates_under_bf16_autocast(tiny_model):
         logits, _ = tiny_model(prompt)
     assert out.shape == (2, 15) and torch.equal(out[:, :5], prompt)
     assert logits.dtype == torch.bfloat16
+
+
+def test_top_p_one_keeps_every_token(monkeypatch):
+    """A float32 cumulative sum reaches 1.0 long before the last of 32000 tokens: top_p 1.0 must drop none."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 32000) * 3
+    seen = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, **kw: seen.append(probs) or multinomial(probs, **kw))
+    sample_next_token(logits, 1.0, top_p=1.0)
+    sample_next_token(logits, 1.0, top_p=0.9999999)
+    assert (seen[0] > 0).sum() == 32000
+    assert (seen[1] > 0).sum() > 30000
+
+
+def test_a_tiny_temperature_is_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 32000) * 5
+    for temperature in (1e-38, 1e-300, 5e-324):
+        assert torch.equal(sample_next_token(logits, temperature), logits.argmax(-1, keepdim=True))
+
+
+def test_casting_the_model_keeps_the_rotary_table_and_the_story():
+    """.to(bfloat16) and .half() would turn a complex buffer real; greedy decoding then degenerates."""
+    model = load_pretrained(asset(STORIES260K)).eval()
+    table = model.freqs_cis.clone()
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = load_pretrained(asset(STORIES260K)).eval().to(dtype)
+        assert cast.freqs_cis.dtype == torch.complex64 and torch.equal(cast.freqs_cis, table)
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    prompt = torch.tensor([tokenizer.encode("Once upon a time", bos=True, eos=False)])
+    text = tokenizer.decode(model.to(torch.bfloat16).generate(prompt, 20, temperature=0.0)[0].tolist())
+    assert text.startswith("Once upon a time, there was a little girl named Lily. She loved to play")

@@ -1,0 +1,102 @@
+"""Runs that stop part-way: Ctrl-C and SIGTERM end with one line and the command that resumes; SIGKILL at any
+moment leaves files from which --resume ends byte for byte where an uninterrupted run ends."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import run_llama
+from conftest import ROOT, STORIES260K, TOK512, asset
+
+# Runs run_llama.main in a child process that signals itself at the n-th call of one function: a moment in
+# the run chosen exactly, with no hook in the program itself.
+DRIVER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch, run_llama
+owner_name, name, nth, signum, after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "after"
+owner = {{"run_llama": run_llama, "torch": torch}}[owner_name]
+original, calls = getattr(owner, name), []
+def hooked(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == nth and not after:
+        os.kill(os.getpid(), signum)
+    result = original(*args, **kwargs)
+    if len(calls) == nth and after:
+        os.kill(os.getpid(), signum)
+    return result
+setattr(owner, name, hooked)
+sys.exit(run_llama.main(sys.argv[6:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("interrupt")
+    data = []
+    for name, n in (("train", 120), ("dev", 40), ("test", 20)):
+        with open(asset(f"data/sst-{name}.txt"), encoding="utf-8") as f:
+            (folder / f"{name}.txt").write_text("".join(f.readlines()[:n]), encoding="utf-8")
+        data += [f"--{name}", str(folder / f"{name}.txt")]
+    args = ["--option", "lora", "--pretrained-model-path", asset(STORIES260K), "--tokenizer", asset(TOK512), *data,
+            "--label-names", asset("data/sst-label-mapping.json"), "--epochs", "3", "--batch_size", "16",
+            "--lr", "2e-3", "--hidden_dropout_prob", "0.3", "--filepath", "model.pt"]
+    whole = folder / "whole"
+    whole.mkdir()
+    in_folder(whole, lambda: run_llama.main(args))
+    return args, whole
+
+
+def in_folder(folder, fn):
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        return fn()
+    finally:
+        os.chdir(old)
+
+
+def interrupted_run(folder, args, owner, name, nth, signum, when="before"):
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", DRIVER.format(root=ROOT), owner, name, str(nth), str(signum), when,
+                           *args], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_predictions(folder, whole):
+    for name in ("dev-dev-lora-output.txt", "dev-test-lora-output.txt"):
+        assert (folder / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_with_one_line_naming_the_saved_epochs_and_the_resume_command(setup, tmp_path, signum, status):
+    args, whole = setup
+    # pad_batch's 14th call is step 3 of epoch 1 (8 training and 3 dev batches an epoch)
+    result = interrupted_run(tmp_path, args, "run_llama", "pad_batch", 14, signum)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: stopped by {signal.Signals(signum).name}; epochs up to 0 are saved in "
+                           f"model.pt.state; to continue: python run_llama.py "), last
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+    assert not (tmp_path / "dev-dev-lora-output.txt").exists()
+    resume = shlex.split(last.split("to continue: ")[1])[2:]
+    assert resume[-1] == "--resume"
+    assert in_folder(tmp_path, lambda: run_llama.main(resume)) == 0
+    assert_same_predictions(tmp_path, whole)
+
+
+@pytest.mark.parametrize("owner, name, nth, when", [
+    ("run_llama", "pad_batch", 14, "before"),  # mid-epoch: step 3 of epoch 1
+    ("run_llama", "predict", 2, "before"),  # evaluating dev after epoch 1
+    ("torch", "save", 3, "after"),  # epoch 1's checkpoint or state written but not yet renamed into place
+], ids=["mid-epoch", "evaluation", "checkpoint-write"])
+def test_resume_after_sigkill_ends_byte_for_byte_as_an_uninterrupted_run(setup, tmp_path, owner, name, nth, when):
+    args, whole = setup
+    result = interrupted_run(tmp_path, args, owner, name, nth, signal.SIGKILL, when)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert (tmp_path / "model.pt.state").exists() and not (tmp_path / "dev-dev-lora-output.txt").exists()
+    assert in_folder(tmp_path, lambda: run_llama.main(args + ["--resume"])) == 0
+    assert_same_predictions(tmp_path, whole)
