@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import time
 from typing import Any, Optional
@@ -720,6 +721,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if runtime is None or runtime.is_main:
             print(f"\nerror: stopped by {stop}; {stop.progress}", file=sys.stderr)
         return stop.status
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     finally:
         if runtime is not None and runtime.world_size > 1:
             torch.distributed.destroy_process_group()

@@ -152,6 +152,7 @@ CASES = [
                                                       a.set("--generated_sentence_low_temp_out", "t.model")), ["--generated_sentence_low_temp_out", "--tokenizer"]),
     ("another run's checkpoint", lambda d, a: None, ["--filepath", "model.pt", "--overwrite"]),
     ("data flags mixed", lambda d, a: a.unset("--train"), ["--train", "data/cfimdb-train.txt"]),
+    ("default model missing", lambda d, a: a.unset("--pretrained-model-path"), ["stories42M.pt", "./setup.sh", "stories260K.pt"]),
 ]
 
 
