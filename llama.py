@@ -234,14 +234,14 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: Optional[
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     # Shift the best logit to 0 before dividing: a tiny temperature then sends the others to -inf, never to
-    # inf - inf = NaN, and sampling becomes greedy as it should.
+    # inf - inf = NaN, and sampling becomes greedy as it should. float64, so that temperatures below float32's
+    # range still divide, and top_p's cumulative sum does not reach 1.0 while thousands of tokens remain.
     logits = logits.double()
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        # float64, because a float32 cumulative sum reaches 1.0 while thousands of tokens remain
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # drop a token once the tokens ranked above it already reach top_p

@@ -140,11 +140,11 @@ def require_file(flag: str, path: str, fix: str) -> None:
 def check_outputs(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]]) -> None:
     """Before any work: every output (flag, path) can be written, is not a folder, is no input of the run
     and is not another output of it; otherwise a UsageError naming the flags."""
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {}  # resolved path -> the flag that names it
     for flag, path in inputs:
         if path and path != "-":
             seen.setdefault(os.path.realpath(path), flag)
-    input_paths = dict(seen)
+    input_paths = set(seen)
     for flag, path in outputs:
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
@@ -187,9 +187,9 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     except BaseException as e:
         os.unlink(tmp_path)
         # torch.save reports a failed write as a RuntimeError around the OSError
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and isinstance(e.__cause__ or e.__context__, OSError)):
-            reason = e.strerror if isinstance(e, OSError) else (e.__cause__ or e.__context__).strerror
-            raise UsageError(f"could not write {path}: {reason}; free some space or pick another path "
+        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__ if isinstance(e, RuntimeError) else None
+        if isinstance(cause, OSError):
+            raise UsageError(f"could not write {path}: {cause.strerror}; free some space or pick another path "
                              f"(the previous file, if any, is unchanged)") from e
         raise
 
@@ -251,19 +251,17 @@ def read_labeled_data(path: str, flag: str, labels_optional: bool = False) -> li
     for line_no, line in enumerate(read_lines(path, flag), start=1):
         if not line.strip():
             continue
-        label, sep, sentence = line.partition(" ||| ")
-        if not sep:
+        label_text, sep, sentence = line.partition(" ||| ")
+        try:
+            label = int(label_text) if sep else None
+        except ValueError:
+            label = None
+        if label is None:
             if not labels_optional:
-                raise UsageError(f"{flag} {path}, line {line_no}: no ' ||| ' separator; each line must be "
-                                 f"'<label> ||| <sentence>'")
-            label, sentence = None, line
-        else:
-            try:
-                label = int(label.strip())
-            except ValueError as e:
-                if not labels_optional:
-                    raise UsageError(f"{flag} {path}, line {line_no}: label {label.strip()!r} is not an integer") from e
-                label, sentence = None, line
+                problem = (f"label {label_text.strip()!r} is not an integer" if sep else
+                           "no ' ||| ' separator; each line must be '<label> ||| <sentence>'")
+                raise UsageError(f"{flag} {path}, line {line_no}: {problem}")
+            sentence = line
         if examples and (label is None) != (examples[0][0] is None):
             raise UsageError(f"{flag} {path}, line {line_no}: some lines have a '<label> ||| ' and some do not; "
                              f"label every line or none")
