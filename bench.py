@@ -3,21 +3,28 @@
   .venv/bin/python bench.py                 # stories42M's shape, random weights, 2 threads (minutes)
   .venv/bin/python bench.py --quick         # tiny sizes: a smoke run, the numbers mean nothing
   .venv/bin/python bench.py --checkpoint stories260K.pt --tokenizer tok512.model
+  .venv/bin/python bench.py --dtype bf16 --llama2c ../shared/llama2c   # bf16 training; llama2.c decode rows
 
-Prints one table: greedy decode and prefill throughput, full fine-tuning and LoRA step time and peak memory
-(each training mode in its own child process, so that peak RSS is its own), and end-to-end time of one SST
+Prints one table: greedy decode (fp32 and int8) and prefill throughput, decoding memory, full fine-tuning and
+LoRA step time and peak memory (each in its own child process, so that peak RSS is its own), optionally
+llama2.c's run.c and runq.c on the same weights (--llama2c DIR), and end-to-end time of one SST
 training epoch and of zero-shot scoring of SST dev on the real data files. Each timing is the median of
 --repeats runs after a warm-up, except the SST epoch and the zero-shot scoring, which run once (minutes each).
 transformers and PEFT are needed only here and in the tests (./setup.sh --test).
 """
 import argparse
+import contextlib
+import copy
+import gc
 import json
+import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +34,10 @@ from config import LlamaConfig
 from llama import Llama, load_pretrained
 from lora import ATTENTION_TARGETS, inject_lora
 from optimizer import AdamW
+from decoding import prepare_for_decoding
 from run_llama import Split, load_split, predict, prompt_suffix_text
 from tokenizer import Tokenizer
-from utils import Runtime, make_batches, pad_batch, read_label_names
+from utils import DTYPES, Runtime, make_batches, pad_batch, read_label_names
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,14 +93,15 @@ def to_transformers(model: Llama, attn_implementation: str = "eager"):
 # ---------------------------------------------------------------------------------------------------------
 # Measuring
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int, result: bool = False) -> float:
+    """The median time of fn over repeats runs after a warm-up; with result, the median of what fn returns."""
     fn()  # warm-up
-    times = []
+    values = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        value = fn()
+        values.append(value if result else time.perf_counter() - start)
+    return statistics.median(values)
 
 
 def seconds_once(fn: Callable[[], object]) -> float:
@@ -102,8 +111,15 @@ def seconds_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def optimize(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+def precision(args: argparse.Namespace) -> ContextManager:
+    return torch.autocast("cpu", dtype=DTYPES[args.dtype]) if DTYPES[args.dtype] else contextlib.nullcontext()
+
+
+def optimize(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], args: argparse.Namespace) -> None:
+    """One training step; the forward pass under --dtype's autocast, the backward pass outside, as torch advises."""
     optimizer.zero_grad(set_to_none=True)
+    with precision(args):
+        loss = loss_fn()
     loss.backward()
     optimizer.step()
 
@@ -116,25 +132,100 @@ def base_model(args: argparse.Namespace) -> Llama:
     return Llama(LlamaConfig(**shape))
 
 
+def decode_tokens_per_second(model: Llama, prompt: torch.Tensor, new: int) -> float:
+    """Greedy decoding speed as `--option generate` reports it: the clock starts at the first new token."""
+    start, n = None, 0
+    for _ in model.new_tokens(prompt, new, temperature=0.0):
+        start, n = start or time.perf_counter(), n + 1
+    return (n - 1) / (time.perf_counter() - start)
+
+
 @torch.inference_mode()
 def bench_inference(args: argparse.Namespace) -> list[tuple]:
     ours = base_model(args).eval()
     theirs = to_transformers(ours, attn_implementation="sdpa")
+    fp32, int8 = (prepare_for_decoding(copy.deepcopy(ours), q) for q in (None, "int8"))
     vocab = ours.config.vocab_size
-    torch.manual_seed(1)
-    prompt = torch.randint(3, vocab, (1, 32))
+    prompt = torch.tensor([[1]])  # <s>: the decoding steps are the whole run
     new = 16 if args.quick else 256
-    our_tokens = ours.generate(prompt, new, temperature=0.0)
-    their_tokens = theirs.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    their_generate = lambda: theirs.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                             pad_token_id=0)
+    our_tokens, their_tokens = fp32.generate(prompt, new, temperature=0.0), their_generate()
     agree = int((our_tokens == their_tokens).all(dim=0).long().cumprod(0).sum()) - prompt.shape[1]
-    rows = [("greedy decode, tok/s", new / median_seconds(lambda: ours.generate(prompt, new, temperature=0.0), args.repeats),
-             new / median_seconds(lambda: theirs.generate(prompt, max_new_tokens=new, min_new_tokens=new,
-                                                          do_sample=False, pad_token_id=0), args.repeats),
-             f"{agree}/{new} greedy tokens identical")]
+    their_speed = new / median_seconds(their_generate, args.repeats)
+    median_speed = lambda model: median_seconds(lambda: decode_tokens_per_second(model, prompt, new), args.repeats,
+                                                result=True)
+    rows = [("greedy decode fp32, tok/s", median_speed(fp32), their_speed, f"{agree}/{new} greedy tokens identical"),
+            ("greedy decode int8, tok/s (vs transformers fp32)", median_speed(int8), their_speed, "")]
+    memory = {q: child_result({"mode": "decode", "quantize": q, "new": new}, args) for q in ("fp32", "int8")}
+    weights = f"weights {memory['int8']['weight_mb']:.0f} vs {memory['fp32']['weight_mb']:.0f} MB"
+    rows += [("greedy decode, resident MB while decoding: int8 (vs our fp32; lower is better)",
+              memory["int8"]["resident_mb"], memory["fp32"]["resident_mb"], weights),
+             ("greedy decode, peak RSS MB with loading: int8 (vs our fp32; lower is better)",
+              memory["int8"]["peak_mb"], memory["fp32"]["peak_mb"], "the float weights exist until quantized")]
+    if args.llama2c:
+        rows += llama2c_rows(ours, median_speed(fp32), median_speed(int8), new, args)
     batch = torch.randint(3, vocab, (10, 64))
     rows.append(("prefill 10 x 64, tok/s", batch.numel() / median_seconds(lambda: ours(batch), args.repeats),
                  batch.numel() / median_seconds(lambda: theirs(batch, logits_to_keep=1), args.repeats), ""))
     return rows
+
+
+def decode_child(spec: dict, args: argparse.Namespace) -> dict:
+    """Runs in a child process: load (or make) the model, quantize it if asked, decode; report peak RSS."""
+    model = prepare_for_decoding(base_model(args).eval(), None if spec["quantize"] == "fp32" else "int8")
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    weight_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
+    gc.collect()
+    with torch.inference_mode():
+        model.generate(torch.tensor([[1]]), spec["new"], temperature=0.0)
+    with open("/proc/self/statm") as f:
+        resident_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "resident_mb": resident_mb,
+            "weight_mb": weight_mb}
+
+
+def llama2c_rows(ours: Llama, fp32_speed: float, int8_speed: float, new: int, args: argparse.Namespace) -> list[tuple]:
+    """llama2.c's run.c (fp32) and runq.c (int8, Q8_0 groups of 64) on the same weights, built here with
+    -Ofast -fopenmp -march=native and exported by its own export.py; both print the speed they achieved."""
+    import tempfile
+
+    source = os.path.abspath(args.llama2c)
+    with tempfile.TemporaryDirectory() as work:
+        for program in ("run", "runq"):
+            subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", os.path.join(source, program + ".c"), "-lm",
+                            "-o", os.path.join(work, program)], check=True)
+        checkpoint = os.path.join(work, "model.pt")
+        c = ours.config
+        model_args = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                          vocab_size=c.vocab_size, hidden_dim=c.hidden_dim, multiple_of=c.multiple_of,
+                          norm_eps=c.norm_eps, max_seq_len=c.max_seq_len, dropout=0.0)
+        torch.save({"model": ours.state_dict(), "model_args": model_args}, checkpoint)
+        export = ("import sys, torch; from model import ModelArgs, Transformer; "
+                  "from export import legacy_export, version2_export; "
+                  "ck = torch.load(sys.argv[1]); m = Transformer(ModelArgs(**ck['model_args'])); "
+                  "m.load_state_dict(ck['model'], strict=False); "
+                  "legacy_export(m, sys.argv[2]); version2_export(m, sys.argv[3])")
+        v0, q80 = os.path.join(work, "v0.bin"), os.path.join(work, "q80.bin")
+        subprocess.run([sys.executable, "-c", export, checkpoint, v0, q80], cwd=source, check=True,
+                       capture_output=True)
+        speeds = {}
+        for program, weights in (("run", v0), ("runq", q80)):
+            runs = [llama2c_speed(os.path.join(work, program), weights, source, new, args.threads)
+                    for _ in range(args.repeats)]
+            speeds[program] = statistics.median(runs)
+    return [("greedy decode fp32, tok/s (vs llama2.c run.c)", fp32_speed, speeds["run"], "llama2.c: achieved tok/s"),
+            ("greedy decode int8, tok/s (vs llama2.c runq.c Q8_0)", int8_speed, speeds["runq"], "llama2.c: achieved tok/s")]
+
+
+def llama2c_speed(program: str, weights: str, source: str, new: int, threads: int) -> float:
+    result = subprocess.run([program, weights, "-z", os.path.join(source, "tokenizer.bin"), "-t", "0", "-n",
+                             str(new + 1), "-i", "Once upon a time"], capture_output=True, text=True, check=True,
+                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    found = re.search(r"achieved tok/s: ([\d.]+)", result.stderr)
+    if not found:
+        raise RuntimeError(f"{program} printed no speed: {result.stdout[-300:]!r} {result.stderr[-300:]!r}")
+    return float(found.group(1))
 
 
 def training_step_child(spec: dict, args: argparse.Namespace) -> dict:
@@ -167,9 +258,16 @@ def training_step_child(spec: dict, args: argparse.Namespace) -> dict:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         forward = lambda: F.cross_entropy(model(input_ids=tokens).logits, labels)
     model.train()
-    seconds = median_seconds(lambda: optimize(optimizer, forward()), args.repeats)
+    seconds = median_seconds(lambda: optimize(optimizer, forward, args), args.repeats)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"step_s": seconds, "ex_per_s": spec["batch"] / seconds, "peak_mb": peak_mb}
+
+
+def child_result(spec: dict, args: argparse.Namespace) -> dict:
+    """Run one measurement in its own process, so that its peak RSS is its own."""
+    child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), *forwarded_flags(args)],
+                           capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def bench_training(args: argparse.Namespace) -> list[tuple]:
@@ -180,9 +278,7 @@ def bench_training(args: argparse.Namespace) -> list[tuple]:
             result = {}
             for impl in ("ours", "transformers"):
                 spec = {"impl": impl, "mode": mode, "batch": batch, "seqlen": seqlen}
-                child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), *forwarded_flags(args)],
-                                       capture_output=True, text=True, check=True)
-                result[impl] = json.loads(child.stdout.strip().splitlines()[-1])
+                result[impl] = child_result(spec, args)
             name = f"{'full fine-tuning' if mode == 'finetune' else 'LoRA r=4 q/k/v/o'} {batch} x {seqlen}"
             rows.append((f"{name}, examples/s", result["ours"]["ex_per_s"], result["transformers"]["ex_per_s"],
                          f"step {result['ours']['step_s']:.2f} s vs {result['transformers']['step_s']:.2f} s"))
@@ -199,7 +295,7 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
     tokenizer.check_vocab(ours.config.vocab_size, args.checkpoint or "the benchmark model")
     label_names = read_label_names("data/sst-label-mapping.json")
     n = 400 if args.quick else None
-    cpu = Runtime(torch.device("cpu"))
+    cpu = Runtime(torch.device("cpu"), DTYPES[args.dtype])
 
     train = load_split("train", "data/sst-train.txt", 5, tokenizer, ours.config.max_seq_len)
     train = Split(train.name, train.path, train.labels[:n], train.sentences[:n], train.token_ids[:n])
@@ -213,7 +309,7 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
         opt = AdamW(model.parameters(), lr=1e-5)
         for indices in make_batches(lengths, 80, shuffle=True, generator=generator):
             tokens, batch_lengths = pad_batch([train.token_ids[i] for i in indices], tokenizer.pad_id)
-            optimize(opt, F.nll_loss(model(tokens, batch_lengths), labels(indices)))
+            optimize(opt, lambda: F.nll_loss(model(tokens, batch_lengths), labels(indices)), args)
 
     def their_epoch():
         from transformers import LlamaForSequenceClassification
@@ -226,7 +322,8 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
         for batch in torch.randperm(len(lengths), generator=generator).split(80):
             tokens, batch_lengths = pad_batch([train.token_ids[i] for i in batch.tolist()], 0)
             mask = (torch.arange(tokens.shape[1])[None] < batch_lengths[:, None]).long()
-            optimize(opt, F.cross_entropy(model(input_ids=tokens, attention_mask=mask).logits, labels(batch.tolist())))
+            optimize(opt, lambda: F.cross_entropy(model(input_ids=tokens, attention_mask=mask).logits,
+                                                  labels(batch.tolist())), args)
 
     ours_s, hf_s = seconds_once(our_epoch), seconds_once(their_epoch)
     rows = [(f"one SST train epoch ({len(lengths)} ex), s (lower is better)", ours_s, hf_s, "once")]
@@ -238,7 +335,8 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
     dev = Split(dev.name, dev.path, dev.labels[:n], dev.sentences[:n], dev.token_ids[:n])
     zero_shot = LlamaZeroShotClassifier(ours, label_ids)
     ours_s = seconds_once(lambda: predict(zero_shot, dev, 80, tokenizer.pad_id, cpu))
-    theirs_s = seconds_once(lambda: transformers_zero_shot(theirs, dev, label_ids))
+    with precision(args):
+        theirs_s = seconds_once(lambda: transformers_zero_shot(theirs, dev, label_ids))
     rows.append((f"zero-shot SST dev ({len(dev.labels)} ex), s (lower is better)", ours_s, theirs_s, "once"))
     return rows
 
@@ -263,7 +361,7 @@ def transformers_zero_shot(hf, split: Split, label_ids: list[list[int]]) -> list
 # ---------------------------------------------------------------------------------------------------------
 
 def forwarded_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+    flags = ["--threads", str(args.threads), "--repeats", str(args.repeats), "--dtype", args.dtype]
     flags += ["--quick"] if args.quick else []
     flags += ["--checkpoint", args.checkpoint] if args.checkpoint else []
     return flags
@@ -276,22 +374,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run; no meaningful numbers")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="training and scoring precision, ours and transformers' alike (bf16: autocast)")
+    parser.add_argument("--llama2c", metavar="DIR", default=None,
+                        help="a llama2.c checkout (run.c, runq.c, export.py, model.py, tokenizer.bin): build it and "
+                             "time its fp32 and int8 decoding beside ours on the same weights")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(training_step_child(json.loads(args.child), args)))
+        spec = json.loads(args.child)
+        print(json.dumps((decode_child if spec["mode"] == "decode" else training_step_child)(spec, args)))
         return
 
     shape = "checkpoint " + args.checkpoint if args.checkpoint else ("tiny random" if args.quick else "stories42M shape, random weights")
-    print(f"minLlama2 vs transformers: {shape}, fp32, {args.threads} threads, median of {args.repeats}")
+    print(f"minLlama2 vs transformers: {shape}, {args.dtype} training and scoring, {args.threads} threads, "
+          f"median of {args.repeats}")
     rows = bench_inference(args) + bench_training(args) + bench_sst(args)
-    print("\n| measure | minLlama2 | transformers | ratio | note |\n| --- | ---: | ---: | ---: | --- |")
+    print("\n| measure | minLlama2 | peer | ratio | note |\n| --- | ---: | ---: | ---: | --- |")
     for name, ours, theirs, note in rows:
         better_when_lower = "lower is better" in name
         ratio = theirs / ours if better_when_lower else ours / theirs
         print(f"| {name} | {ours:,.1f} | {theirs:,.1f} | {ratio:.2f}x | {note} |")
-    print("\nratio > 1 means minLlama2 is better (faster, or less memory).")
+    print("\nThe peer is transformers (+ PEFT for LoRA) unless the measure names another. "
+          "ratio > 1 means minLlama2 is better (faster, or less memory).")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import Llama
+from llama import KVCache, Llama
 
 
 class LlamaZeroShotClassifier(nn.Module):
     """Scores each label by the language model: log p(label tokens | prompt), the whole label token
-    sequence, so labels that tokenize into several pieces (e.g. under a 512-piece vocabulary) are fair."""
+    sequence, so labels that tokenize into several pieces (e.g. under a 512-piece vocabulary) are fair.
+
+    The prompt is read once for all labels. The last real prompt token predicts every label's first token; the
+    rest of each label (when it has more than one token) goes on from its prompt's cached keys and values, all
+    labels in one batch: rotary positions continue from each prompt's own length, and a mask hides the padding
+    that follows the shorter prompts in the cache.
+    """
 
     def __init__(self, llama: Llama, label_token_ids: list[list[int]]):
         super().__init__()
@@ -23,18 +29,35 @@ class LlamaZeroShotClassifier(nn.Module):
         self.label_token_ids = label_token_ids
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        batch_size = tokens.shape[0]
-        scores = []
-        for label_ids in self.label_token_ids:
-            label = torch.tensor(label_ids, device=tokens.device).expand(batch_size, -1)  # (batch, n)
-            positions = lengths[:, None] + torch.arange(len(label_ids), device=tokens.device)  # (batch, n)
-            extended = F.pad(tokens, (0, len(label_ids))).scatter(1, positions, label)  # prompt + label
-            hidden = self.llama.hidden_states(extended)
-            # the token at position p is predicted by the hidden state at p - 1
-            predicting = hidden.gather(1, (positions - 1)[..., None].expand(-1, -1, hidden.shape[-1]))
-            log_probs = F.log_softmax(self.llama.output(predicting).float(), dim=-1)  # (batch, n, vocab)
-            scores.append(log_probs.gather(2, label[..., None]).squeeze(-1).sum(dim=1))
-        return torch.stack(scores, dim=1)
+        batch_size, seqlen = tokens.shape
+        n_labels, longest = len(self.label_token_ids), max(map(len, self.label_token_ids))
+        device = tokens.device
+        caches = [KVCache(seqlen + longest - 1) for _ in self.llama.layers]
+        hidden = self.llama.hidden_states(tokens, kv_caches=caches)  # (batch, seqlen, dim)
+        last = hidden[torch.arange(batch_size, device=device), lengths - 1]  # (batch, dim)
+        first_ids = torch.tensor([ids[0] for ids in self.label_token_ids], device=device)
+        scores = self.log_probs(last)[:, first_ids]  # (batch, n_labels)
+        if longest == 1:
+            return scores
+
+        # Every label but its last token, after its own copy of each prompt: (batch * n_labels, longest - 1)
+        label_ids = torch.tensor([ids + [0] * (longest - len(ids)) for ids in self.label_token_ids], device=device)
+        in_label = torch.tensor([[j < len(ids) for j in range(longest)] for ids in self.label_token_ids],
+                                device=device)
+        for cache in caches:
+            cache.repeat_batch(n_labels)
+        prompt_lengths = lengths.repeat_interleave(n_labels)[:, None]  # (batch * n_labels, 1)
+        steps = torch.arange(longest - 1, device=device)
+        padding_mask = torch.cat([torch.arange(seqlen, device=device) < prompt_lengths,
+                                  torch.ones(len(prompt_lengths), longest - 1, dtype=torch.bool, device=device)], 1)
+        hidden = self.llama.hidden_states(label_ids[:, :-1].repeat(batch_size, 1), padding_mask, kv_caches=caches,
+                                          start_pos=seqlen, positions=prompt_lengths + steps)
+        log_probs = self.log_probs(hidden).view(batch_size, n_labels, longest - 1, -1)
+        rest = log_probs.gather(3, label_ids[None, :, 1:, None].expand(batch_size, -1, -1, 1)).squeeze(-1)
+        return scores + (rest * in_label[:, 1:]).sum(dim=-1)
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.llama.output(hidden).float(), dim=-1)
 
 
 class LlamaEmbeddingClassifier(nn.Module):

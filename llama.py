@@ -5,7 +5,7 @@ Parameter names are llama2.c's (wq, wk, wv, wo, w1, w2, w3, ...), so its checkpo
 """
 import os
 import struct
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -50,6 +50,11 @@ class KVCache:
         self.keys[:, :, start_pos:end] = keys
         self.values[:, :, start_pos:end] = values
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def repeat_batch(self, times: int) -> None:
+        """Each sequence becomes `times` consecutive copies: continuations that share one prompt."""
+        self.keys = self.keys.repeat_interleave(times, dim=0)
+        self.values = self.values.repeat_interleave(times, dim=0)
 
 
 class Attention(nn.Module):
@@ -135,7 +140,7 @@ class Llama(LlamaPreTrainedModel):
         # .half() and .bfloat16() would cast a buffer to a real dtype (dropping the imaginary part) or round
         # it. Moves rebuild it, complex64, wherever the weights now are.
         super()._apply(fn, *args, **kwargs)
-        self.freqs_cis = self._rope_table(self.output.weight.device)
+        self.freqs_cis = self._rope_table(self.norm.weight.device)
         return self
 
     @property
@@ -161,18 +166,21 @@ class Llama(LlamaPreTrainedModel):
         return logits, h
 
     def hidden_states(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, causal: bool = True,
-                      kv_caches: Optional[list[KVCache]] = None, start_pos: int = 0) -> torch.Tensor:
+                      kv_caches: Optional[list[KVCache]] = None, start_pos: int = 0,
+                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (batch, seqlen) -> final normalised hidden states (batch, seqlen, dim), without the output
         layer (a classifier needs none of its 32000-wide logits).
 
         padding_mask (batch, start_pos + seqlen), True at real tokens, keeps padding out of every real token's
         attention. causal=False exists only to reproduce the assignment's reference outputs (sanity_check.py).
         With kv_caches, tokens are positions start_pos.. of sequences whose earlier keys/values are in the caches.
+        positions (batch, seqlen), when given, are the rotary positions instead of start_pos..: a continuation of
+        right-padded sequences goes on from each one's own length (its cache slots still start at start_pos).
         """
         seqlen = tokens.shape[1]
         if start_pos + seqlen > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + seqlen} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]
+        freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen] if positions is None else self.freqs_cis[positions]
         mask, is_causal = attention_mask(seqlen, start_pos, padding_mask, causal, tokens.device)
 
         h = self.dropout(self.tok_embeddings(tokens))
@@ -189,23 +197,32 @@ class Llama(LlamaPreTrainedModel):
         among the top_k tokens or the smallest set whose probability reaches top_p. With the cache each
         new token costs one position; use_cache=False recomputes the whole sequence (the reference).
         """
+        new_tokens = self.new_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache)
+        return torch.cat([idx, *new_tokens], dim=1)
+
+    @torch.inference_mode()
+    def new_tokens(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                   top_k: Optional[int] = None, top_p: Optional[float] = None,
+                   use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """generate's tokens one at a time, (batch, 1) each, as they are made: the first comes from the
+        prompt's forward pass (the prefill), each later one from one decoding step."""
         prompt_len = idx.shape[1]
         n_new = max(0, min(max_new_tokens, self.config.max_seq_len - prompt_len))
         if n_new == 0:
-            return idx
+            return
         caches = [KVCache(prompt_len + n_new) for _ in self.layers] if use_cache else None
         logits, _ = self(idx, kv_caches=caches)
         tokens = [idx]
         for step in range(n_new):
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (batch, 1)
             tokens.append(next_token)
+            yield next_token
             if step == n_new - 1:
                 break
             if use_cache:
                 logits, _ = self(next_token, kv_caches=caches, start_pos=prompt_len + step)
             else:
                 logits, _ = self(torch.cat(tokens, dim=1))
-        return torch.cat(tokens, dim=1)
 
 
 def attention_mask(seqlen: int, start_pos: int, padding_mask: Optional[torch.Tensor], causal: bool,

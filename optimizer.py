@@ -29,27 +29,39 @@ class AdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("AdamW does not support sparse gradients")
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)  # first moment m
                     state["exp_avg_sq"] = torch.zeros_like(p)  # second moment v
                 state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)  # m = beta1 * m + (1 - beta1) * g
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v = beta2 * v + (1 - beta2) * g^2
-
-                step_size = group["lr"]
-                if group["correct_bias"]:
-                    t = state["step"]
-                    step_size *= math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-                p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
-                if group["weight_decay"] > 0.0:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
+            self._update(params, group)
         return loss
+
+    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+        """The update of every parameter of a group at once: each _foreach_ op is one call over all the tensors
+        (a model has dozens), where a loop would pay Python and dispatch costs per tensor and per op."""
+        beta1, beta2 = group["betas"]
+        grads = [p.grad for p in params]
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 * m + (1 - beta1) * g
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)  # v = beta2 * v + (1 - beta2) * g^2
+
+        step_sizes = []
+        for p in params:
+            t = self.state[p]["step"]
+            correction = math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) if group["correct_bias"] else 1.0
+            step_sizes.append(-group["lr"] * correction)
+        denominators = torch._foreach_sqrt(v)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_addcdiv_(params, m, denominators, step_sizes)
+        if group["weight_decay"] > 0.0:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])

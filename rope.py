@@ -19,9 +19,10 @@ def precompute_freqs_cis(head_dim: int, max_seq_len: int, theta: float = 10000.0
 
 
 def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, seqlen, n_heads, head_dim) by freqs_cis (seqlen, head_dim // 2)."""
+    """Rotate x (batch, seqlen, n_heads, head_dim) by freqs_cis (seqlen, head_dim // 2), or by
+    (batch, seqlen, head_dim // 2) when each sequence has positions of its own."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (batch, seqlen, n_heads, head_dim // 2)
-    return torch.view_as_real(pairs * freqs_cis[:, None, :]).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * freqs_cis.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 def apply_rotary_emb(

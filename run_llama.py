@@ -1,6 +1,7 @@
 """minLlama2's one entry point.
 
-  --option generate   continue a prompt (greedy and T=1), write generated-sentence-temp-{0,1}.txt
+  --option generate   continue a prompt (greedy and T=1), write generated-sentence-temp-{0,1}.txt;
+                      --quantize int8 decodes with int8 weights
   --option prompt     zero-shot classification: score each label name as the prompt's continuation
   --option finetune   train the whole model with a classification head
   --option lora       train LoRA adapters and the head; the base model stays frozen
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from checkpoint import (CHECKPOINT_FORMAT, STATE_FORMAT, differences, load_trainable, locate, read_saved,
                         rng_state, set_rng_state, stored_file, weights_fingerprint)
 from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier
+from decoding import prepare_for_decoding
 from llama import Llama, load_pretrained
 from lora import ALL_TARGETS, ATTENTION_TARGETS, DEFAULT_TARGETS, inject_lora, merge_lora
 from optimizer import AdamW
@@ -122,6 +124,11 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                      help="greedy output (default: generated-sentence-temp-0.txt)")
     gen.add_argument("--generated_sentence_high_temp_out",
                      help="sampled output (default: generated-sentence-temp-1.txt, or -<T>.txt for --temperature T)")
+    gen.add_argument("--quantize", choices=("int8",), default=None,
+                     help="decode with int8 weights (one scale per row), quantized when loading: a quarter of the "
+                          "bytes to read per token. After each generation a line gives the decoding speed, "
+                          "'decode: <n> new tokens in <s> s, <x> tok/s'; it leaves out the prompt's forward pass "
+                          "and the first new token, which comes with it")
 
     cls = parser.add_argument_group("classification")
     cls.add_argument("--dev_out", default=None, help="default: <dataset>-dev-<prompting|finetuning|lora>-output.txt")
@@ -168,6 +175,8 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.max_sentence_len is None or args.max_sentence_len > 0, "--max_sentence_len must be > 0"),
         (args.option == "classify" or not (args.input or args.output), "--input and --output go with --option classify"),
         (args.option in ("finetune", "lora") or not args.resume, "--resume goes with --option finetune or lora"),
+        (args.option == "generate" or not args.quantize,
+         "--quantize goes with --option generate (training and scoring use the float weights)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -261,7 +270,9 @@ def load_model(model_path: str, tokenizer_path: str, device: torch.device) -> tu
 
 def generate(args: argparse.Namespace, runtime: Runtime) -> None:
     llama, tokenizer = load_model(args.pretrained_model_path, args.tokenizer, runtime.device)
-    llama.eval()
+    prepare_for_decoding(llama.eval(), args.quantize)
+    if args.quantize:
+        print(f"quantized the weights to int8 ({weight_megabytes(llama):.1f} MB)")
     prompt_ids = tokenizer.encode(args.prompt or ASSIGNMENT_PREFIX, bos=True, eos=False)
     room = llama.config.max_seq_len - 1
     if len(prompt_ids) > room:
@@ -271,15 +282,40 @@ def generate(args: argparse.Namespace, runtime: Runtime) -> None:
     idx = torch.tensor([prompt_ids], device=runtime.device)
     for _, temperature, outfile in generation_runs(args):
         with runtime.autocast():
-            out = llama.generate(idx, args.max_new_tokens, temperature, top_k=args.top_k, top_p=args.top_p)
+            out, speed = timed_generation(llama, idx, args, temperature)
         if out.shape[1] - idx.shape[1] < args.max_new_tokens:
             print(f"note: stopped at the model's max_seq_len ({llama.config.max_seq_len} tokens)", file=sys.stderr)
         sentence = tokenizer.decode(out[0].tolist())
         print(f"Temperature is {temperature:g}")
         print(sentence)
         print("---------------")
+        if speed:
+            print(speed)
         write_text_atomic(outfile, sentence)
         print(f"Wrote generated sentence to {outfile}.")
+
+
+def timed_generation(llama: Llama, idx: torch.Tensor, args: argparse.Namespace,
+                     temperature: float) -> tuple[torch.Tensor, Optional[str]]:
+    """The prompt and its continuation, and a line with the decoding speed: the clock starts once the first
+    new token (the prefill's) exists, so the line measures decoding steps alone."""
+    tokens, start = [idx], None
+    for token in llama.new_tokens(idx, args.max_new_tokens, temperature, top_k=args.top_k, top_p=args.top_p):
+        tokens.append(token)
+        if start is None:
+            token.cpu()  # waits for the device: the prefill is over
+            start = time.perf_counter()
+    out = torch.cat(tokens, dim=1).cpu()
+    n_decoded = len(tokens) - 2
+    if n_decoded < 1:
+        return out, None
+    seconds = time.perf_counter() - start
+    return out, f"decode: {n_decoded} new tokens in {seconds:.2f} s, {n_decoded / seconds:.1f} tok/s"
+
+
+def weight_megabytes(model: torch.nn.Module) -> float:
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # a tied matrix counts once
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """End to end on stories260K, as a user runs run_llama.py (in-process through main(), plus one real process)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,28 @@ def test_free_prompt_with_temperature(tmp_path):
          "--max_new_tokens", "20"], tmp_path)
     text = (tmp_path / "generated-sentence-temp-0.txt").read_text()
     assert text.startswith("Once upon a time, there was a little girl")
+
+
+def test_quantized_generation_writes_its_story_and_both_runs_report_their_decoding_speed(tmp_path, capsys):
+    common = ["--option", "generate", *model_flags(), "--prompt", "Once upon a time", "--temperature", "0",
+              "--max_new_tokens", "40"]
+    run(common, tmp_path)
+    run(common + ["--quantize", "int8", "--generated_sentence_low_temp_out", "int8.txt"], tmp_path)
+    out = capsys.readouterr().out
+    speeds = [line for line in out.splitlines() if line.startswith("decode: ")]
+    assert len(speeds) == 2 and all(re.fullmatch(r"decode: 39 new tokens in [\d.]+ s, [\d.]+ tok/s", s) for s in speeds)
+    assert "quantized the weights to int8" in out
+    assert (tmp_path / "int8.txt").read_text()[:60] == (tmp_path / "generated-sentence-temp-0.txt").read_text()[:60]
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_and_still_generates(tmp_path, monkeypatch, capsys):
+    import utils
+
+    monkeypatch.setattr(utils, "cpu_has_bf16_matmul", lambda: False)
+    run(["--option", "generate", *model_flags(), "--prompt", "Once upon a time", "--temperature", "0",
+         "--max_new_tokens", "5", "--dtype", "bf16"], tmp_path)
+    assert "no bf16 matrix instructions" in capsys.readouterr().err
+    assert (tmp_path / "generated-sentence-temp-0.txt").read_text().startswith("Once upon a time")
 
 
 def check_predictions(out_path, data_path, n_labels):

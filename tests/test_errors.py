@@ -153,6 +153,9 @@ CASES = [
     ("another run's checkpoint", lambda d, a: None, ["--filepath", "model.pt", "--overwrite"]),
     ("data flags mixed", lambda d, a: a.unset("--train"), ["--train", "data/cfimdb-train.txt"]),
     ("default model missing", lambda d, a: a.unset("--pretrained-model-path"), ["stories42M.pt", "./setup.sh", "stories260K.pt"]),
+    ("quantize int4", lambda d, a: (a.set("--option", "generate"), a.set("--quantize", "int4")), ["--quantize", "'int4'", "int8"]),
+    ("quantize with lora", lambda d, a: a.set("--quantize", "int8"), ["--quantize", "--option generate"]),
+    ("quantize with finetune", lambda d, a: (a.set("--option", "finetune"), a.set("--quantize", "int8")), ["--quantize", "--option generate"]),
 ]
 
 
@@ -214,8 +217,8 @@ def test_windows_line_endings_are_accepted(tmp_path, monkeypatch):
 def test_a_prompt_longer_than_the_window_is_cut_from_the_left_keeping_the_start_token(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     prompts = []
-    generate = run_llama.Llama.generate
-    monkeypatch.setattr(run_llama.Llama, "generate", lambda self, idx, *a, **k: prompts.append(idx) or generate(self, idx, *a, **k))
+    new_tokens = run_llama.Llama.new_tokens
+    monkeypatch.setattr(run_llama.Llama, "new_tokens", lambda self, idx, *a, **k: prompts.append(idx) or new_tokens(self, idx, *a, **k))
     argv = ["--pretrained-model-path", asset(STORIES260K), "--tokenizer", asset(TOK512), "--temperature", "0",
             "--prompt", "word " * 600, "--max_new_tokens", "5"]
     assert run_llama.main(argv) == 0
