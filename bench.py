@@ -35,7 +35,7 @@ from llama import Llama, load_pretrained
 from lora import ATTENTION_TARGETS, inject_lora
 from optimizer import AdamW
 from decoding import prepare_for_decoding
-from run_llama import Split, load_split, predict, prompt_suffix_text
+from run_llama import Split, load_split, predict, prompt_suffix_text, weight_megabytes
 from tokenizer import Tokenizer
 from utils import DTYPES, Runtime, make_batches, pad_batch, read_label_names
 
@@ -174,15 +174,13 @@ def bench_inference(args: argparse.Namespace) -> list[tuple]:
 def decode_child(spec: dict, args: argparse.Namespace) -> dict:
     """Runs in a child process: load (or make) the model, quantize it if asked, decode; report peak RSS."""
     model = prepare_for_decoding(base_model(args).eval(), None if spec["quantize"] == "fp32" else "int8")
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
-    weight_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
     gc.collect()
     with torch.inference_mode():
         model.generate(torch.tensor([[1]]), spec["new"], temperature=0.0)
     with open("/proc/self/statm") as f:
         resident_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "resident_mb": resident_mb,
-            "weight_mb": weight_mb}
+            "weight_mb": weight_megabytes(model)}
 
 
 def llama2c_rows(ours: Llama, fp32_speed: float, int8_speed: float, new: int, args: argparse.Namespace) -> list[tuple]:
