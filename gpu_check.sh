@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The --use_gpu check: generate, prompt, finetune, lora, lora --resume and classify on stories260K, in fp32
+# The --use_gpu check: generate (also --quantize int8), prompt, finetune, lora, lora --resume and classify on stories260K, in fp32
 # and bf16, on one GPU.
 # Run it on a machine with CUDA after ./setup.sh (a few minutes); it stops at the first failure.
 #   ./gpu_check.sh [OUT_DIR]
@@ -16,6 +16,9 @@ for dtype in fp32 bf16; do
   echo "=== $dtype"
   $py run_llama.py --option generate "${model[@]}" --dtype $dtype \
     --generated_sentence_low_temp_out "$out/gen-$dtype-temp-0.txt" --generated_sentence_high_temp_out "$out/gen-$dtype-temp-1.txt"
+  # int8 weights on the GPU take the dequantizing path of decoding.Int8Linear
+  $py run_llama.py --option generate "${model[@]}" --dtype $dtype --quantize int8 --temperature 0 \
+    --generated_sentence_low_temp_out "$out/gen-int8-$dtype-temp-0.txt"
   $py run_llama.py --option prompt "${model[@]}" "${sst[@]}" --dtype $dtype --batch_size 80 \
     --dev_out "$out/sst-dev-prompting-$dtype.txt" --test_out "$out/sst-test-prompting-$dtype.txt"
   $py run_llama.py --option finetune "${model[@]}" "${sst[@]}" --dtype $dtype --epochs 2 --batch_size 80 --lr 1e-3 \
