@@ -38,6 +38,26 @@ def test_zero_shot_scores_are_the_label_sequence_log_probability():
                 assert torch.allclose(scores[row, col], expected, atol=1e-4)
 
 
+def test_zero_shot_scores_labels_of_one_and_several_tokens_after_prompts_of_any_length():
+    """Labels of 1, 3 and 2 tokens after three prompts of different lengths in one right-padded batch: each
+    score is the sum of the label's log-probabilities from one full forward pass over prompt + label."""
+    torch.manual_seed(0)
+    llama = load_pretrained(asset(STORIES260K)).eval()
+    label_ids = [[70], [80, 90, 100], [110, 120]]
+    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (7, 2, 12)]
+    tokens = torch.zeros(3, 12, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        tokens[row, :len(p)] = torch.tensor(p)
+    with torch.no_grad():
+        scores = LlamaZeroShotClassifier(llama, label_ids)(tokens, torch.tensor([len(p) for p in prompts]))
+        for row, prompt in enumerate(prompts):
+            for col, label in enumerate(label_ids):
+                logits, _ = llama(torch.tensor([prompt + label]), all_logits=True)
+                log_probs = F.log_softmax(logits[0, len(prompt) - 1:-1], dim=-1)
+                expected = log_probs[torch.arange(len(label)), label].sum()
+                torch.testing.assert_close(scores[row, col], expected, atol=1e-4, rtol=1e-5)
+
+
 def test_batch_size_does_not_change_zero_shot_predictions():
     tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
     llama = load_pretrained(asset(STORIES260K))
