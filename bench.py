@@ -35,7 +35,7 @@ from llama import Llama, load_pretrained
 from lora import ATTENTION_TARGETS, inject_lora
 from optimizer import AdamW
 from decoding import prepare_for_decoding
-from run_llama import Split, load_split, predict, prompt_suffix_text, weight_megabytes
+from run_llama import Split, load_split, predict, prompt_suffix_text, timed_generation, weight_megabytes
 from tokenizer import Tokenizer
 from utils import DTYPES, Runtime, make_batches, pad_batch, read_label_names
 
@@ -134,10 +134,8 @@ def base_model(args: argparse.Namespace) -> Llama:
 
 def decode_tokens_per_second(model: Llama, prompt: torch.Tensor, new: int) -> float:
     """Greedy decoding speed as `--option generate` reports it: the clock starts at the first new token."""
-    start, n = None, 0
-    for _ in model.new_tokens(prompt, new, temperature=0.0):
-        start, n = start or time.perf_counter(), n + 1
-    return (n - 1) / (time.perf_counter() - start)
+    _, n_decoded, seconds = timed_generation(model, prompt, new, temperature=0.0)
+    return n_decoded / seconds
 
 
 @torch.inference_mode()

@@ -282,35 +282,32 @@ def generate(args: argparse.Namespace, runtime: Runtime) -> None:
     idx = torch.tensor([prompt_ids], device=runtime.device)
     for _, temperature, outfile in generation_runs(args):
         with runtime.autocast():
-            out, speed = timed_generation(llama, idx, args, temperature)
+            out, n_decoded, seconds = timed_generation(llama, idx, args.max_new_tokens, temperature, args.top_k,
+                                                       args.top_p)
         if out.shape[1] - idx.shape[1] < args.max_new_tokens:
             print(f"note: stopped at the model's max_seq_len ({llama.config.max_seq_len} tokens)", file=sys.stderr)
         sentence = tokenizer.decode(out[0].tolist())
         print(f"Temperature is {temperature:g}")
         print(sentence)
         print("---------------")
-        if speed:
-            print(speed)
+        if n_decoded:
+            print(f"decode: {n_decoded} new tokens in {seconds:.2f} s, {n_decoded / seconds:.1f} tok/s")
         write_text_atomic(outfile, sentence)
         print(f"Wrote generated sentence to {outfile}.")
 
 
-def timed_generation(llama: Llama, idx: torch.Tensor, args: argparse.Namespace,
-                     temperature: float) -> tuple[torch.Tensor, Optional[str]]:
-    """The prompt and its continuation, and a line with the decoding speed: the clock starts once the first
-    new token (the prefill's) exists, so the line measures decoding steps alone."""
+def timed_generation(llama: Llama, idx: torch.Tensor, max_new_tokens: int, temperature: float,
+                     top_k: Optional[int] = None, top_p: Optional[float] = None) -> tuple[torch.Tensor, int, float]:
+    """The prompt and its continuation, and the decoding steps' count and seconds: the clock starts once the
+    first new token (the prefill's) exists."""
     tokens, start = [idx], None
-    for token in llama.new_tokens(idx, args.max_new_tokens, temperature, top_k=args.top_k, top_p=args.top_p):
+    for token in llama.new_tokens(idx, max_new_tokens, temperature, top_k=top_k, top_p=top_p):
         tokens.append(token)
         if start is None:
             token.cpu()  # waits for the device: the prefill is over
             start = time.perf_counter()
     out = torch.cat(tokens, dim=1).cpu()
-    n_decoded = len(tokens) - 2
-    if n_decoded < 1:
-        return out, None
-    seconds = time.perf_counter() - start
-    return out, f"decode: {n_decoded} new tokens in {seconds:.2f} s, {n_decoded / seconds:.1f} tok/s"
+    return out, max(0, len(tokens) - 2), time.perf_counter() - start if start else 0.0
 
 
 def weight_megabytes(model: torch.nn.Module) -> float:
