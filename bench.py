@@ -13,7 +13,6 @@ training epoch and of zero-shot scoring of SST dev on the real data files. Each 
 transformers and PEFT are needed only here and in the tests (./setup.sh --test).
 """
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -29,65 +28,18 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn.functional as F
 
-from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier
+from classifier import build_classifier, zero_shot_classifier
 from config import LlamaConfig
+from data import Split, load_split, make_batches, pad_batch, read_label_names
+from decoding import prepare_for_decoding, timed_generation, weight_megabytes
+from evaluate import predict
 from llama import Llama, load_pretrained
-from lora import ATTENTION_TARGETS, inject_lora
+from lora import ATTENTION_TARGETS
 from optimizer import AdamW
-from decoding import prepare_for_decoding
-from run_llama import Split, load_split, predict, prompt_suffix_text, timed_generation, weight_megabytes
+from runtime import DTYPES, Runtime
+from settings import LoRASettings
 from tokenizer import Tokenizer
-from utils import DTYPES, Runtime, make_batches, pad_batch, read_label_names
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The same weights in transformers
-
-def rotate_half_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """wq/wk rows in llama2.c's interleaved-pair RoPE order -> transformers' rotate-half order: within each
-    head, the even components first, then the odd ones."""
-    out_features, in_features = weight.shape
-    head_dim = out_features // n_heads
-    return weight.view(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
-
-
-def transformers_config(config: LlamaConfig, tied: bool = True, **extra):
-    from transformers import LlamaConfig as HFConfig
-
-    return HFConfig(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
-                    num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-                    num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
-                    rms_norm_eps=config.norm_eps, tie_word_embeddings=tied,
-                    rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, **extra)
-
-
-def transformers_weights(model: Llama) -> dict[str, torch.Tensor]:
-    """Our state dict under transformers' names (LlamaModel's, without the "model." prefix)."""
-    c = model.config
-    weights = {"embed_tokens.weight": model.tok_embeddings.weight, "norm.weight": model.norm.weight}
-    for i, layer in enumerate(model.layers):
-        a, f, p = layer.attention, layer.feed_forward, f"layers.{i}."
-        weights.update({
-            p + "self_attn.q_proj.weight": rotate_half_layout(a.wq.weight, c.n_heads),
-            p + "self_attn.k_proj.weight": rotate_half_layout(a.wk.weight, c.n_kv_heads),
-            p + "self_attn.v_proj.weight": a.wv.weight, p + "self_attn.o_proj.weight": a.wo.weight,
-            p + "mlp.gate_proj.weight": f.w1.weight, p + "mlp.up_proj.weight": f.w3.weight,
-            p + "mlp.down_proj.weight": f.w2.weight, p + "input_layernorm.weight": layer.attention_norm.weight,
-            p + "post_attention_layernorm.weight": layer.ffn_norm.weight,
-        })
-    return {k: v.detach().clone() for k, v in weights.items()}
-
-
-def to_transformers(model: Llama, attn_implementation: str = "eager"):
-    """transformers' LlamaForCausalLM with the same weights."""
-    from transformers import LlamaForCausalLM
-
-    hf = LlamaForCausalLM(transformers_config(model.config, model.tied_embeddings,
-                                              attn_implementation=attn_implementation))
-    weights = {"model." + k: v for k, v in transformers_weights(model).items()}
-    weights["lm_head.weight"] = model.output.weight.detach().clone()
-    hf.load_state_dict(weights, strict=True)
-    return hf.eval()
+from transformers_oracle import to_transformers, transformers_config, transformers_weights
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,7 +64,7 @@ def seconds_once(fn: Callable[[], object]) -> float:
 
 
 def precision(args: argparse.Namespace) -> ContextManager:
-    return torch.autocast("cpu", dtype=DTYPES[args.dtype]) if DTYPES[args.dtype] else contextlib.nullcontext()
+    return Runtime(torch.device("cpu"), DTYPES[args.dtype]).autocast()
 
 
 def optimize(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], args: argparse.Namespace) -> None:
@@ -233,11 +185,8 @@ def training_step_child(spec: dict, args: argparse.Namespace) -> dict:
     lengths = torch.full((spec["batch"],), spec["seqlen"])
     labels = torch.randint(0, n_labels, (spec["batch"],))
     if spec["impl"] == "ours":
-        model = LlamaEmbeddingClassifier(ours, n_labels, hidden_dropout_prob=0.0)
-        if spec["mode"] == "lora":
-            inject_lora(ours, ATTENTION_TARGETS, rank=4, alpha=1.0)
-            for name, p in model.named_parameters():
-                p.requires_grad = "lora_" in name or name.startswith("classifier_head.")
+        lora = LoRASettings(rank=4, alpha=1.0, dropout=0.0, targets=ATTENTION_TARGETS) if spec["mode"] == "lora" else None
+        model = build_classifier(ours, n_labels, hidden_dropout_prob=0.0, lora=lora)
         optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         forward = lambda: F.nll_loss(model(tokens, lengths), labels)
     else:
@@ -294,14 +243,14 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
     cpu = Runtime(torch.device("cpu"), DTYPES[args.dtype])
 
     train = load_split("train", "data/sst-train.txt", 5, tokenizer, ours.config.max_seq_len)
-    train = Split(train.name, train.path, train.labels[:n], train.sentences[:n], train.token_ids[:n])
+    train = Split(train.name, train.labels[:n], train.sentences[:n], train.token_ids[:n])
     theirs = to_transformers(ours, attn_implementation="sdpa")
     generator = torch.Generator().manual_seed(0)
     lengths = [len(t) for t in train.token_ids]
     labels = lambda indices: torch.tensor([train.labels[i] for i in indices])
 
     def our_epoch():
-        model = LlamaEmbeddingClassifier(ours, 5, hidden_dropout_prob=0.0).train()  # transformers' head has none
+        model = build_classifier(ours, 5, hidden_dropout_prob=0.0, lora=None).train()  # transformers' head has none
         opt = AdamW(model.parameters(), lr=1e-5)
         for indices in make_batches(lengths, 80, shuffle=True, generator=generator):
             tokens, batch_lengths = pad_batch([train.token_ids[i] for i in indices], tokenizer.pad_id)
@@ -324,12 +273,11 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
     ours_s, hf_s = seconds_once(our_epoch), seconds_once(their_epoch)
     rows = [(f"one SST train epoch ({len(lengths)} ex), s (lower is better)", ours_s, hf_s, "once")]
 
-    suffix = tokenizer.encode(prompt_suffix_text(label_names), bos=False, eos=False)
-    label_ids = [tokenizer.encode(name, bos=False, eos=False) for name in label_names]
-    dev = load_split("dev", "data/sst-dev.txt", 5, tokenizer, ours.config.max_seq_len, prompt_suffix=suffix,
-                     label_room=max(map(len, label_ids)))
-    dev = Split(dev.name, dev.path, dev.labels[:n], dev.sentences[:n], dev.token_ids[:n])
-    zero_shot = LlamaZeroShotClassifier(ours, label_ids)
+    zero_shot = zero_shot_classifier(ours, tokenizer, label_names, "data/sst-label-mapping.json")
+    label_ids = zero_shot.label_token_ids
+    dev = load_split("dev", "data/sst-dev.txt", 5, tokenizer, ours.config.max_seq_len,
+                     prompt_suffix=zero_shot.prompt_suffix, label_room=zero_shot.label_room)
+    dev = Split(dev.name, dev.labels[:n], dev.sentences[:n], dev.token_ids[:n])
     ours_s = seconds_once(lambda: predict(zero_shot, dev, 80, tokenizer.pad_id, cpu))
     with precision(args):
         theirs_s = seconds_once(lambda: transformers_zero_shot(theirs, dev, label_ids))

@@ -1,9 +1,11 @@
 """What training leaves behind and reads back: the classifier checkpoint at --filepath, which describes itself
 (base model, tokenizer, labels, LoRA settings, training flags, history) so that `--option classify` can rebuild
-it, and the training state at <filepath>.state for --resume.
+it, and the training state at <filepath>.state for --resume; the record of a run that tells its files from
+another run's.
 
-Both hold tensors and plain values only and load with weights_only=True: no code runs from a file.
+Both files hold tensors and plain values only and load with weights_only=True: no code runs from a file.
 """
+import dataclasses
 import hashlib
 import os
 import random
@@ -13,7 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils import UsageError, load_tensors
+from classifier import LlamaEmbeddingClassifier, build_classifier
+from llama import Llama, load_pretrained
+from lora import merge_lora
+from settings import DEFAULT_MODEL, ClassifySettings, LoRASettings, Settings
+from tokenizer import Tokenizer
+from utils import UsageError, file_sha256, load_tensors, require_file, save_atomic
 
 CHECKPOINT_FORMAT = "minllama2-classifier"
 STATE_FORMAT = "minllama2-training-state"
@@ -104,6 +111,113 @@ def stored_file(path: str, fingerprint: str, checkpoint: str) -> dict:
     folder = os.path.dirname(os.path.abspath(checkpoint))
     return {"path": os.path.abspath(path), "relpath": os.path.relpath(os.path.abspath(path), folder),
             "fingerprint": fingerprint}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models: the base a run starts from, the classifier a run made
+
+def load_base_model(model_path: str, tokenizer_path: str, device: torch.device) -> tuple[Llama, Tokenizer]:
+    """A llama2.c model and its tokenizer, checked to share one vocabulary."""
+    if model_path == DEFAULT_MODEL and not os.path.exists(model_path):
+        raise UsageError(f"--pretrained-model-path {DEFAULT_MODEL}: no such file; run ./setup.sh to download it, or "
+                         f"use the tiny model: --pretrained-model-path stories260K.pt --tokenizer tok512.model")
+    llama = load_pretrained(model_path)
+    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer.check_vocab(llama.config.vocab_size, model_path)
+    print(f"loaded {model_path} ({llama.num_parameters() / 1e6:.2f}M parameters) on {device}")
+    return llama.to(device), tokenizer
+
+
+def load_classifier(settings: ClassifySettings, device: torch.device) -> tuple[LlamaEmbeddingClassifier, Tokenizer]:
+    """The classifier a checkpoint describes, on the base model and tokenizer it was trained with (found beside
+    it, or where the overrides say), adapters merged."""
+    saved, path = settings.saved, settings.checkpoint
+    base = locate(saved["base_model"], path, "--pretrained-model-path", settings.model)
+    tokenizer_path = locate(saved["tokenizer"], path, "--tokenizer", settings.tokenizer)
+    require_file("--tokenizer", tokenizer_path, "pass the tokenizer the model was trained with")
+    if file_sha256(tokenizer_path) != saved["tokenizer"]["fingerprint"]:
+        raise UsageError(f"--tokenizer {tokenizer_path}: not the tokenizer --filepath {path} was trained "
+                         f"with ({saved['tokenizer']['path']}); pass that one")
+    llama, tokenizer = load_base_model(base, tokenizer_path, device)
+    if weights_fingerprint(llama.state_dict()) != saved["base_model"]["fingerprint"]:
+        raise UsageError(f"--pretrained-model-path {base}: its weights are not those of "
+                         f"{saved['base_model']['path']}, the base model --filepath {path} was trained "
+                         f"from; pass that model")
+    lora = LoRASettings(**{**saved["lora"], "targets": tuple(saved["lora"]["targets"])}) if saved["lora"] else None
+    model = build_classifier(llama, len(saved["label_names"]), saved["hidden_dropout_prob"], lora)
+    load_trainable(model, saved["trainable"], path)
+    merge_lora(model)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A training run: its record, which files it may replace, what it saves
+
+def describe_run(settings: Settings, llama: Llama, base_fingerprint: str, label_names: list[str],
+                 world_size: int) -> dict[str, Any]:
+    """Everything a checkpoint says about itself besides its tensors. Its "training" record holds the flags
+    that shape the result: a resumed run must share them, and they tell one run's checkpoint from another's."""
+    data, training, model = settings.data, settings.training, settings.model
+    files = {flag: {"path": os.path.abspath(path), "fingerprint": file_sha256(path)}
+             for flag, path in (("--train", data.train), ("--dev", data.dev), ("--tokenizer", model.tokenizer))}
+    files["--pretrained-model-path"] = {"path": os.path.abspath(model.model), "fingerprint": base_fingerprint}
+    lora = training.lora.as_record() if training.lora else None
+    record = {**files, "--option": training.option, "--label-names": label_names, "--epochs": training.epochs,
+              "--lr": training.lr, "--batch_size": data.batch_size, "--seed": settings.seed, "--dtype": settings.dtype,
+              "--hidden_dropout_prob": training.hidden_dropout_prob, "--max_sentence_len": data.max_sentence_len,
+              "processes": world_size}
+    record.update({f"--lora_{key}": value for key, value in (lora or {}).items()})
+    checkpoint = training.files.checkpoint
+    return {"format": CHECKPOINT_FORMAT, "option": training.option, "label_names": label_names,
+            "max_sentence_len": data.max_sentence_len, "hidden_dropout_prob": training.hidden_dropout_prob,
+            "lora": lora, "base_model": {**stored_file(model.model, base_fingerprint, checkpoint),
+                                         "model_args": dataclasses.asdict(llama.config)},
+            "tokenizer": stored_file(model.tokenizer, files["--tokenizer"]["fingerprint"], checkpoint),
+            "training": record}
+
+
+def check_run_files(settings: Settings, record: dict) -> Optional[dict]:
+    """Before any training: the state to resume (with --resume), checked to come from this run; and a refusal
+    to replace a checkpoint or state that another run made, unless --overwrite."""
+    training = settings.training
+    state_path = training.files.state
+    state = None
+    if training.resume:
+        if not os.path.isfile(state_path):
+            raise UsageError(f"--resume: no training state {state_path}; run once without --resume first")
+        state = read_saved(state_path, "--resume", STATE_FORMAT)
+        changed = differences(state["training"], record, may_differ=("--epochs",))
+        if changed:
+            raise UsageError(f"--resume {state_path}: that run differs from this one ({'; '.join(changed)}); only "
+                             f"--epochs may change on resume: use its flags, or another --filepath")
+    if training.overwrite:
+        return state
+    for path, saved_format in ((training.files.checkpoint, CHECKPOINT_FORMAT), (state_path, STATE_FORMAT)):
+        if not os.path.exists(path) or (state is not None and path == state_path):
+            continue
+        try:
+            saved = read_saved(path, "--filepath", saved_format)
+        except UsageError:
+            raise UsageError(f"--filepath {path}: exists and was not written by a run like this one; pass "
+                             f"--overwrite to replace it, or choose another --filepath") from None
+        changed = differences(saved["training"], record, may_differ=("--epochs",) if training.resume else ())
+        if changed:
+            hint = " --resume to continue it," if [c.split()[0] for c in changed] == ["--epochs"] else ""
+            raise UsageError(f"--filepath {path}: made by another run ({'; '.join(changed)}); pass{hint} "
+                             f"--overwrite to replace it, or choose another --filepath")
+    return state
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: the whole model for full fine-tuning, adapters + head for LoRA."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(model: nn.Module, described: dict, history: list[dict], best_epoch: Optional[int],
+                    path: str) -> None:
+    save_atomic({**described, "history": list(history), "best_epoch": best_epoch,
+                 "trainable": trainable_state(model)}, path)
+    print(f"saved the best model so far to {path}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,14 +1,20 @@
-"""Two ways to classify a sentence with a Llama.
+"""Two ways to classify a sentence with a Llama, and how each is built for a task.
 
 Both take right-padded token ids (batch, seqlen) and the true lengths (batch,), and return log-probabilities
 over the labels (batch, n_labels). Causal attention never lets a real token see the padding that follows it,
 so the padded positions need no mask and change no prediction, whatever the batch.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llama import KVCache, Llama
+from lora import inject_lora, is_adapter
+from settings import LoRASettings
+from tokenizer import Tokenizer
+from utils import UsageError
 
 
 class LlamaZeroShotClassifier(nn.Module):
@@ -21,12 +27,14 @@ class LlamaZeroShotClassifier(nn.Module):
     that follows the shorter prompts in the cache.
     """
 
-    def __init__(self, llama: Llama, label_token_ids: list[list[int]]):
+    def __init__(self, llama: Llama, label_token_ids: list[list[int]], prompt_suffix: Optional[list[int]] = None):
         super().__init__()
         self.llama = llama
         for param in self.llama.parameters():
             param.requires_grad = False
         self.label_token_ids = label_token_ids
+        self.prompt_suffix = prompt_suffix or []  # the question each sentence is followed by
+        self.label_room = max(map(len, label_token_ids))  # tokens a sentence leaves free for the longest label
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         batch_size, seqlen = tokens.shape
@@ -78,3 +86,37 @@ class LlamaEmbeddingClassifier(nn.Module):
         hidden = self.llama.hidden_states(tokens)  # (batch, seqlen, dim)
         last = hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]  # (batch, dim)
         return F.log_softmax(self.classifier_head(self.dropout(last)).float(), dim=-1)
+
+
+def prompt_suffix_text(label_names: list[str]) -> str:
+    if len(label_names) == 2:
+        names = " or ".join(label_names)
+    else:
+        names = ", ".join(label_names[:-1]) + ", or " + label_names[-1]
+    return f"Is this movie {names}? This movie is "
+
+
+def zero_shot_classifier(llama: Llama, tokenizer: Tokenizer, label_names: list[str],
+                         path: str) -> LlamaZeroShotClassifier:
+    """The zero-shot classifier of a task: its question and its label names as token ids (path: the label
+    mapping, for errors)."""
+    label_ids = [tokenizer.encode(name, bos=False, eos=False) for name in label_names]
+    for i, ids in enumerate(label_ids):
+        if ids in label_ids[:i]:
+            raise UsageError(f"--label-names {path}: {label_names[label_ids.index(ids)]!r} and {label_names[i]!r} "
+                             f"are the same tokens to the tokenizer; zero-shot cannot tell them apart")
+    suffix = tokenizer.encode(prompt_suffix_text(label_names), bos=False, eos=False)
+    return LlamaZeroShotClassifier(llama, label_ids, suffix)
+
+
+def build_classifier(llama: Llama, n_labels: int, hidden_dropout_prob: float,
+                     lora: Optional[LoRASettings]) -> LlamaEmbeddingClassifier:
+    """The fine-tuning classifier; with LoRA settings, adapters on the base model, which then stays frozen: only
+    the adapters and the head train."""
+    model = LlamaEmbeddingClassifier(llama, n_labels, hidden_dropout_prob)
+    if lora:
+        adapted = inject_lora(llama, lora.targets, lora.rank, lora.alpha, lora.dropout)
+        for name, param in model.named_parameters():
+            param.requires_grad = is_adapter(name) or name.startswith("classifier_head.")
+        print(f"LoRA rank {lora.rank} on {len(adapted)} layers ({', '.join(lora.targets)})")
+    return model.to(llama.norm.weight.device)

@@ -1,4 +1,5 @@
-"""The weights laid out for generating text (`--option generate`), with int8 as an option (`--quantize int8`).
+"""The weights laid out for generating text (`--option generate`), with int8 as an option (`--quantize int8`),
+and the timed generation that the CLI and bench.py share.
 
 Decoding one token reads every weight matrix once and does two flops per weight, so its speed is the speed of
 reading the weights. Two things make that reading faster:
@@ -15,6 +16,7 @@ reading the weights. Two things make that reading faster:
   to the activations' dtype for each product: slower, never different.
 The token embeddings read their rows from the output matrix's new form when the two are tied (stored once).
 """
+import time
 from typing import Optional
 
 import torch
@@ -95,7 +97,25 @@ def prepare_for_decoding(model: Llama, quantize: Optional[str] = None) -> Llama:
     embeddings = None if model.tied_embeddings else model.tok_embeddings.weight
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, kind(module.weight))
+            model.set_submodule(name, kind(module.weight))
     model.tok_embeddings = TableEmbedding(model.output if embeddings is None else kind(embeddings))
     return model
+
+
+def timed_generation(llama: Llama, idx: torch.Tensor, max_new_tokens: int, temperature: float,
+                     top_k: Optional[int] = None, top_p: Optional[float] = None) -> tuple[torch.Tensor, int, float]:
+    """The prompt and its continuation, and the decoding steps' count and seconds: the clock starts once the
+    first new token (the prefill's) exists."""
+    tokens, start = [idx], None
+    for token in llama.new_tokens(idx, max_new_tokens, temperature, top_k=top_k, top_p=top_p):
+        tokens.append(token)
+        if start is None:
+            token.cpu()  # waits for the device: the prefill is over
+            start = time.perf_counter()
+    out = torch.cat(tokens, dim=1).cpu()
+    return out, max(0, len(tokens) - 2), time.perf_counter() - start if start else 0.0
+
+
+def weight_megabytes(model: nn.Module) -> float:
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # a tied matrix counts once
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6

@@ -1,21 +1,19 @@
 """Llama 2: RMSNorm, grouped-query causal attention with a key/value cache, SwiGLU feed-forward, pre-norm
-layers, tied embedding/output; plus load_pretrained for llama2.c checkpoints (.pt and legacy .bin).
+layers, tied embedding/output; and load_pretrained, the assignment's entry point, for llama2.c checkpoints.
 
 Parameter names are llama2.c's (wq, wk, wv, wo, w1, w2, w3, ...), so its checkpoints load as they are.
 """
-import os
-import struct
 from typing import Iterator, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from base_llama import LlamaPreTrainedModel
 from config import LlamaConfig
+from llama2c import read_llama2c
 from rope import precompute_freqs_cis, rotate
-from utils import UsageError, load_tensors, require_file
+from utils import UsageError
 
 
 class RMSNorm(nn.Module):
@@ -104,9 +102,8 @@ class FeedForward(nn.Module):
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, layer_id: int, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.layer_id = layer_id
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
@@ -123,7 +120,7 @@ class Llama(LlamaPreTrainedModel):
         super().__init__(config)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(LlamaLayer(i, config) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(LlamaLayer(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if tied_embeddings:
@@ -212,17 +209,16 @@ class Llama(LlamaPreTrainedModel):
             return
         caches = [KVCache(prompt_len + n_new) for _ in self.layers] if use_cache else None
         logits, _ = self(idx, kv_caches=caches)
-        tokens = [idx]
         for step in range(n_new):
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (batch, 1)
-            tokens.append(next_token)
             yield next_token
             if step == n_new - 1:
                 break
             if use_cache:
                 logits, _ = self(next_token, kv_caches=caches, start_pos=prompt_len + step)
             else:
-                logits, _ = self(torch.cat(tokens, dim=1))
+                idx = torch.cat([idx, next_token], dim=1)
+                logits, _ = self(idx)
 
 
 def attention_mask(seqlen: int, start_pos: int, padding_mask: Optional[torch.Tensor], causal: bool,
@@ -270,27 +266,12 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: Optional[
 # ---------------------------------------------------------------------------------------------------------
 # Loading checkpoints
 
-# The assignment's names for the attention projections.
-_ASSIGNMENT_NAMES = {"compute_query": "wq", "compute_key": "wk", "compute_value": "wv", "compute_output": "wo"}
-_LEGACY_HEADER = struct.Struct("7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len
-
-
 def load_pretrained(checkpoint: str) -> Llama:
-    """A Llama with the weights of a llama2.c checkpoint: train.py's .pt ({"model", "model_args", ...}) or the
-    legacy .bin export. Anything else, or a checkpoint that does not match its own config, is a UsageError."""
-    fix = "run ./setup.sh to fetch the models, or pass --pretrained-model-path"
-    require_file("checkpoint", checkpoint, fix)
-    if os.path.getsize(checkpoint) == 0:
-        raise UsageError(f"checkpoint {checkpoint}: the file is empty; fetch it again (./setup.sh)")
-    with open(checkpoint, "rb") as f:
-        magic = f.read(2)
-    # torch.save writes a zip archive ("PK"), or a bare pickle (0x80) in its old format
-    if magic == b"PK" or magic[:1] == b"\x80":
-        config, state_dict, tied = _read_train_checkpoint(checkpoint)
-    else:
-        config, state_dict, tied = _read_legacy_export(checkpoint)
-    # Built on the meta device first: its shapes are checked against the file before any memory is taken
-    # (a hostile model_args could ask for terabytes), and no time goes into random weights that are replaced.
+    """A Llama with the weights of a llama2.c checkpoint: train.py's .pt or the legacy .bin export (read and
+    checked by llama2c.py). A checkpoint that does not match its own config is a UsageError."""
+    config, state_dict, tied = read_llama2c(checkpoint)
+    # Built on the meta device first: its shapes are checked against the file before any memory is taken,
+    # and no time goes into random weights that are replaced.
     with torch.device("meta"):
         model = Llama(config, tied_embeddings=tied)
     _check_tensors(model, state_dict, checkpoint)
@@ -299,89 +280,6 @@ def load_pretrained(checkpoint: str) -> Llama:
         model.tok_embeddings.weight = model.output.weight  # to_empty makes new parameters, one per name
     model.load_state_dict(state_dict, strict=True)
     return model
-
-
-def _read_train_checkpoint(path: str) -> Tuple[LlamaConfig, dict, bool]:
-    ckpt = load_tensors(path, "checkpoint", "fetch it again (./setup.sh)")
-    if isinstance(ckpt, dict) and "trainable" in ckpt:
-        raise UsageError(f"checkpoint {path}: written by run_llama.py --option {ckpt.get('option', 'finetune/lora')} "
-                         f"(a trained classifier, not a base model); use it with --option classify --filepath {path}")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
-            or not isinstance(ckpt.get("model_args"), dict):
-        keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UsageError(f"checkpoint {path}: expected llama2.c train.py's dict with 'model' and 'model_args', "
-                         f"found {keys}")
-    try:
-        config = LlamaConfig.from_model_args(ckpt["model_args"])
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"checkpoint {path}: model_args are not a valid Llama config ({e})") from e
-    _check_plausible(config, path)
-    state_dict = {_canonical_name(str(k)): v for k, v in ckpt["model"].items()}
-    if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in state_dict.values()):
-        raise UsageError(f"checkpoint {path}: 'model' holds something other than float tensors; fetch it again")
-    embeddings, output = state_dict.get("tok_embeddings.weight"), state_dict.get("output.weight")
-    tied = embeddings is None or output is None or (embeddings.shape == output.shape and torch.equal(embeddings, output))
-    return config, state_dict, tied
-
-
-def _check_plausible(config: LlamaConfig, path: str) -> None:
-    """Sizes no llama2.c model has: refused before anything is allocated."""
-    sizes = dict(dim=config.dim, hidden_dim=config.hidden_dim, n_layers=config.n_layers, n_heads=config.n_heads,
-                 vocab_size=config.vocab_size, max_seq_len=config.max_seq_len)
-    for name, value in sizes.items():
-        if not isinstance(value, int) or not 0 < value <= 1 << 20:
-            raise UsageError(f"checkpoint {path}: model_args {name} = {value!r} is not a plausible model size; "
-                             f"the file is corrupt or not a llama2.c checkpoint")
-
-
-def _canonical_name(name: str) -> str:
-    name = name.removeprefix("_orig_mod.")  # torch.compile's wrapper
-    return ".".join(_ASSIGNMENT_NAMES.get(part, part) for part in name.split("."))
-
-
-def _read_legacy_export(path: str) -> Tuple[LlamaConfig, dict, bool]:
-    """llama2.c's legacy .bin: a header of 7 int32, then float32 weights in a fixed order, tensors of one kind
-    for all layers together. A negative vocab_size says the output matrix is stored separately (untied)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        header = f.read(_LEGACY_HEADER.size)
-    not_ours = (f"checkpoint {path}: neither a PyTorch checkpoint nor a llama2.c legacy .bin export; "
-                f"pass a llama2.c .pt or .bin file")
-    if len(header) < _LEGACY_HEADER.size:
-        raise UsageError(not_ours)
-    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len = _LEGACY_HEADER.unpack(header)
-    tied = vocab_size > 0
-    vocab_size = abs(vocab_size)
-    if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len) <= 0 \
-            or dim % n_heads or n_heads % n_kv_heads or max(dim, hidden_dim, vocab_size, max_seq_len) > 1 << 20:
-        raise UsageError(not_ours)
-    config = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                         vocab_size=vocab_size, hidden_dim=hidden_dim, max_seq_len=max_seq_len)
-    kv_dim = n_kv_heads * config.head_dim
-    per_layer = [("attention_norm.weight", (dim,)), ("attention.wq.weight", (dim, dim)),
-                 ("attention.wk.weight", (kv_dim, dim)), ("attention.wv.weight", (kv_dim, dim)),
-                 ("attention.wo.weight", (dim, dim)), ("ffn_norm.weight", (dim,)),
-                 ("feed_forward.w1.weight", (hidden_dim, dim)), ("feed_forward.w2.weight", (dim, hidden_dim)),
-                 ("feed_forward.w3.weight", (hidden_dim, dim))]
-    layout = [("tok_embeddings.weight", (vocab_size, dim))]
-    layout += [(f"layers.{i}.{name}", shape) for name, shape in per_layer for i in range(n_layers)]
-    layout += [("norm.weight", (dim,)), ("<rope cos>", (max_seq_len, config.head_dim // 2)),
-               ("<rope sin>", (max_seq_len, config.head_dim // 2))]
-    if not tied:
-        layout.append(("output.weight", (vocab_size, dim)))
-    n_floats = sum(int(np.prod(shape)) for _, shape in layout)
-    expected_size = _LEGACY_HEADER.size + 4 * n_floats
-    if size != expected_size:
-        raise UsageError(f"checkpoint {path}: not a complete llama2.c .bin export ({size} bytes where its header "
-                         f"implies {expected_size}); fetch it again, or pass a .pt checkpoint")
-    data = torch.from_numpy(np.fromfile(path, dtype=np.float32, offset=_LEGACY_HEADER.size))
-    state_dict, offset = {}, 0
-    for name, shape in layout:
-        n = int(np.prod(shape))
-        if not name.startswith("<"):  # the rope tables are recomputed, not loaded
-            state_dict[name] = data[offset:offset + n].view(shape)
-        offset += n
-    return config, state_dict, tied
 
 
 def _check_tensors(model: Llama, state_dict: dict, path: str) -> None:

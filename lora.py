@@ -66,9 +66,12 @@ def inject_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank
     if not chosen:
         raise ValueError(f"no nn.Linear named any of {sorted(targets)} in the model")
     for name, module in chosen:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, LoRALinear(module, rank, alpha, dropout))
+        model.set_submodule(name, LoRALinear(module, rank, alpha, dropout))
     return [name for name, _ in chosen]
+
+
+def is_adapter(parameter_name: str) -> bool:
+    return parameter_name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
 
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
@@ -88,5 +91,4 @@ def unmerge_lora(model: nn.Module) -> None:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters alone: lora_A and lora_B of every LoRALinear, a few kilobytes."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1]
-            in ("lora_A", "lora_B")}
+    return {name: p.detach().clone() for name, p in model.named_parameters() if is_adapter(name)}

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import LlamaConfig  # noqa: E402
-from bench import rotate_half_layout, to_transformers  # noqa: E402,F401  (the oracle mapping)
+from transformers_oracle import rotate_half_layout, to_transformers  # noqa: E402,F401  (the oracle mapping)
 from llama import Llama  # noqa: E402
 
 

@@ -1,13 +1,13 @@
 import torch
 import torch.nn.functional as F
 
-from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier
+from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier, prompt_suffix_text
 from conftest import STORIES260K, TOK512, asset
+from data import Split, read_labeled_data, tokenize
+from evaluate import predict
 from llama import load_pretrained
-from run_llama import Split, predict, prompt_suffix_text, tokenize
-from utils import Runtime
+from runtime import Runtime
 from tokenizer import Tokenizer
-from utils import read_labeled_data
 
 CPU = Runtime(torch.device("cpu"))
 LABELS = ["awful", "bad", "average", "good", "excellent"]
@@ -16,7 +16,7 @@ LABELS = ["awful", "bad", "average", "good", "excellent"]
 def sst_split(tokenizer, suffix, n=60) -> Split:
     examples = read_labeled_data(asset("data/sst-dev.txt"), "--dev")[:n]
     ids = [[tokenizer.bos_id] + tokenizer.encode(s, bos=False, eos=False) + suffix for _, s in examples]
-    return Split("dev", "sst-dev", [l for l, _ in examples], [s for _, s in examples], ids)
+    return Split("dev", [l for l, _ in examples], [s for _, s in examples], ids)
 
 
 def test_zero_shot_scores_are_the_label_sequence_log_probability():

@@ -83,9 +83,9 @@ def test_quantized_generation_writes_its_story_and_both_runs_report_their_decodi
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_and_still_generates(tmp_path, monkeypatch, capsys):
-    import utils
+    import runtime
 
-    monkeypatch.setattr(utils, "cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
     run(["--option", "generate", *model_flags(), "--prompt", "Once upon a time", "--temperature", "0",
          "--max_new_tokens", "5", "--dtype", "bf16"], tmp_path)
     assert "no bf16 matrix instructions" in capsys.readouterr().err
@@ -307,9 +307,10 @@ def test_help_shows_defaults_and_the_state_file(capsys):
 
 
 def test_flags_take_hyphens_and_underscores_alike():
-    args = run_llama.get_args(["--option", "prompt", "--batch-size", "3", "--label_names", "a.json", "--dev", "d.txt",
-                               "--test", "t.txt", "--max-sentence-len=5"])
-    assert (args.batch_size, args.label_names, args.max_sentence_len) == (3, "a.json", 5)
+    settings = run_llama.get_args(["--option", "prompt", "--batch-size", "3", "--label_names", "a.json", "--dev",
+                                   "d.txt", "--test", "t.txt", "--max-sentence-len=5"])
+    data = settings.data
+    assert (data.batch_size, data.label_names, data.max_sentence_len) == (3, "a.json", 5)
 
 
 def test_a_single_temperature_honours_the_output_flags(tmp_path):

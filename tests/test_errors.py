@@ -4,8 +4,10 @@ import io
 import os
 
 import pytest
+import torch
 
 import run_llama
+from llama import Llama
 from conftest import STORIES260K, TOK512, asset
 
 SENTINEL = "previous results\n"
@@ -182,7 +184,7 @@ class Command:
 
 @pytest.mark.parametrize("case, breaks, words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, case, breaks, words):
-    if case == "no gpu" and run_llama.torch.cuda.is_available():
+    if case == "no gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     monkeypatch.chdir(tmp_path)
     command = Command(str(tmp_path))
@@ -217,8 +219,8 @@ def test_windows_line_endings_are_accepted(tmp_path, monkeypatch):
 def test_a_prompt_longer_than_the_window_is_cut_from_the_left_keeping_the_start_token(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     prompts = []
-    new_tokens = run_llama.Llama.new_tokens
-    monkeypatch.setattr(run_llama.Llama, "new_tokens", lambda self, idx, *a, **k: prompts.append(idx) or new_tokens(self, idx, *a, **k))
+    new_tokens = Llama.new_tokens
+    monkeypatch.setattr(Llama, "new_tokens", lambda self, idx, *a, **k: prompts.append(idx) or new_tokens(self, idx, *a, **k))
     argv = ["--pretrained-model-path", asset(STORIES260K), "--tokenizer", asset(TOK512), "--temperature", "0",
             "--prompt", "word " * 600, "--max_new_tokens", "5"]
     assert run_llama.main(argv) == 0

@@ -16,9 +16,9 @@ from conftest import ROOT, STORIES260K, TOK512, asset
 DRIVER = """
 import os, sys
 sys.path.insert(0, {root!r})
-import torch, run_llama
+import torch, run_llama, train
 owner_name, name, nth, signum, after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "after"
-owner = {{"run_llama": run_llama, "torch": torch}}[owner_name]
+owner = {{"train": train, "torch": torch}}[owner_name]
 original, calls = getattr(owner, name), []
 def hooked(*args, **kwargs):
     calls.append(1)
@@ -74,7 +74,7 @@ def assert_same_predictions(folder, whole):
 def test_a_signal_ends_with_one_line_naming_the_saved_epochs_and_the_resume_command(setup, tmp_path, signum, status):
     args, whole = setup
     # pad_batch's 14th call is step 3 of epoch 1 (8 training and 3 dev batches an epoch)
-    result = interrupted_run(tmp_path, args, "run_llama", "pad_batch", 14, signum)
+    result = interrupted_run(tmp_path, args, "train", "pad_batch", 14, signum)
     assert result.returncode == status, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -89,8 +89,8 @@ def test_a_signal_ends_with_one_line_naming_the_saved_epochs_and_the_resume_comm
 
 
 @pytest.mark.parametrize("owner, name, nth, when", [
-    ("run_llama", "pad_batch", 14, "before"),  # mid-epoch: step 3 of epoch 1
-    ("run_llama", "predict", 2, "before"),  # evaluating dev after epoch 1
+    ("train", "pad_batch", 14, "before"),  # mid-epoch: step 3 of epoch 1
+    ("train", "predict", 2, "before"),  # evaluating dev after epoch 1
     ("torch", "save", 3, "after"),  # epoch 1's checkpoint or state written but not yet renamed into place
 ], ids=["mid-epoch", "evaluation", "checkpoint-write"])
 def test_resume_after_sigkill_ends_byte_for_byte_as_an_uninterrupted_run(setup, tmp_path, owner, name, nth, when):

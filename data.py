@@ -1,0 +1,175 @@
+"""Labeled data: read and check `<label> ||| <sentence>` files and label names, tokenize them to fit the model,
+and group them into length-bucketed batches (and each process's share of a batch under torchrun)."""
+import codecs
+import dataclasses
+import json
+import sys
+from typing import Optional
+
+import torch
+
+from tokenizer import Tokenizer
+from utils import UsageError, require_file
+
+
+def read_lines(path: str, flag: str) -> list[str]:
+    """The lines of a UTF-8 text file (or of standard input for "-"), without a byte-order mark."""
+    if path == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        require_file(flag, path, "run ./setup.sh to fetch the data, or fix the path")
+        with open(path, "rb") as f:
+            raw = f.read()
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # Notepad writes one
+    lines = []
+    for line_no, line in enumerate(raw.splitlines(), start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{flag} {path}, line {line_no}: not UTF-8 ({e.reason} at byte {e.start}); "
+                             f"re-save the file as UTF-8") from e
+    return lines
+
+
+def read_labeled_data(path: str, flag: str, labels_optional: bool = False) -> list[tuple[Optional[int], str]]:
+    """Read `<label> ||| <sentence>` lines into (label, sentence) pairs; `flag` names the option for errors.
+    With labels_optional, bare sentences are read too, with label None (all lines alike: labeled or not)."""
+    examples = []
+    for line_no, line in enumerate(read_lines(path, flag), start=1):
+        if not line.strip():
+            continue
+        label_text, sep, sentence = line.partition(" ||| ")
+        try:
+            label = int(label_text) if sep else None
+        except ValueError:
+            label = None
+        if label is None:
+            if not labels_optional:
+                problem = (f"label {label_text.strip()!r} is not an integer" if sep else
+                           "no ' ||| ' separator; each line must be '<label> ||| <sentence>'")
+                raise UsageError(f"{flag} {path}, line {line_no}: {problem}")
+            sentence = line
+        if examples and (label is None) != (examples[0][0] is None):
+            raise UsageError(f"{flag} {path}, line {line_no}: some lines have a '<label> ||| ' and some do not; "
+                             f"label every line or none")
+        examples.append((label, sentence.strip()))
+    if not examples:
+        raise UsageError(f"{flag} {path}: the file has no examples; each line must be '<label> ||| <sentence>'")
+    return examples
+
+
+def read_label_names(path: str) -> list[str]:
+    """The label-mapping JSON: a list of distinct names, the i-th naming label i."""
+    require_file("--label-names", path, "run ./setup.sh, or fix the path")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            names = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"--label-names {path}: not valid JSON ({e}); it must be a list like [\"bad\", \"good\"]") from e
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise UsageError(f"--label-names {path}: must be a JSON list of non-empty strings, like [\"bad\", \"good\"]")
+    stripped = [n.strip() for n in names]
+    duplicates = sorted({n for n in stripped if stripped.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"--label-names {path}: {duplicates[0]!r} is listed twice; each label needs its own name")
+    return names
+
+
+def check_labels(examples: list[tuple[int, str]], n_labels: int, flag: str, path: str) -> None:
+    for label, _ in examples:
+        if not 0 <= label < n_labels:
+            raise UsageError(f"{flag} {path}: label {label} is outside 0..{n_labels - 1}, the labels that "
+                             f"--label-names names; pass the label mapping of this dataset")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the model reads
+
+@dataclasses.dataclass
+class Split:
+    name: str  # train, dev, test or input
+    labels: list[Optional[int]]
+    sentences: list[str]
+    token_ids: list[list[int]]  # what the model reads, already cut to its window
+
+
+def tokenize(examples: list[tuple[Optional[int], str]], tokenizer: Tokenizer, max_seq_len: int,
+             max_sentence_len: Optional[int] = None, prompt_suffix: Optional[list[int]] = None,
+             label_room: int = 0) -> tuple[list[list[int]], int]:
+    """Token ids of each sentence: bos + sentence + suffix (zero-shot; the label is appended later) or
+    bos + sentence + eos. Only the sentence is ever cut: to max_sentence_len, and to what the model's window
+    leaves beside the suffix and the label. Returns the ids and how many sentences the window cut."""
+    tail = prompt_suffix if prompt_suffix is not None else [tokenizer.eos_id]
+    room = max_seq_len - 1 - len(tail) - label_room
+    if room <= 0:
+        raise UsageError(f"the prompt and labels need {max_seq_len - room} tokens, more than the model's "
+                         f"max_seq_len {max_seq_len}; use shorter --label-names")
+    token_ids, n_cut = [], 0
+    for _, sentence in examples:
+        body = tokenizer.encode(sentence, bos=False, eos=False)[:max_sentence_len]
+        n_cut += len(body) > room
+        token_ids.append([tokenizer.bos_id] + body[:room] + tail)
+    return token_ids, n_cut
+
+
+def load_split(name: str, path: str, n_labels: int, tokenizer: Tokenizer, max_seq_len: int,
+               max_sentence_len: Optional[int] = None, prompt_suffix: Optional[list[int]] = None,
+               label_room: int = 0) -> Split:
+    """Read, check and tokenize one data file (see tokenize); `name` is also its flag (--name)."""
+    flag = f"--{name}"
+    examples = read_labeled_data(path, flag)
+    check_labels(examples, n_labels, flag, path)
+    token_ids, n_cut = tokenize(examples, tokenizer, max_seq_len, max_sentence_len, prompt_suffix, label_room)
+    print(f"load {len(examples)} data from {path}" + (f" ({n_cut} cut to fit {max_seq_len} tokens)" if n_cut else ""))
+    return Split(name, [label for label, _ in examples], [s for _, s in examples], token_ids)
+
+
+def warn_if_labels_unused(splits: list[Split], label_names: list[str], path: str) -> None:
+    used = {label for split in splits for label in split.labels}
+    if used < set(range(len(label_names))):
+        print(f"warning: the data uses labels {sorted(used)} only, but --label-names {path} names "
+              f"{len(label_names)}; is it this dataset's mapping?", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching
+
+def make_batches(lengths: list[int], batch_size: int, shuffle: bool,
+                 generator: Optional[torch.Generator] = None, chunk_batches: int = 50) -> list[list[int]]:
+    """Group example indices into batches of similar length, so that little padding is computed.
+
+    For evaluation (shuffle=False) all examples are sorted by length. For training, the examples are
+    shuffled, then sorted within chunks of chunk_batches batches, and the batches shuffled: batches stay
+    random in content and order while each holds similar lengths.
+    """
+    if shuffle:
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+    else:
+        order = list(range(len(lengths)))
+    chunk = batch_size * chunk_batches if shuffle else len(order)
+    batches = []
+    for start in range(0, len(order), chunk):
+        by_length = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def shard(indices: list[int], rank: int, world_size: int) -> tuple[list[int], list[float]]:
+    """One process's share of a global batch and the weight of each example in it: 1, or 0 for the copies that
+    fill a batch shorter than world_size, so that every process has work and none is counted twice."""
+    weights = [1.0] * len(indices)
+    if len(indices) < world_size:
+        indices = (indices * world_size)[:world_size]
+        weights = (weights + [0.0] * world_size)[:world_size]
+    return indices[rank::world_size], weights[rank::world_size]
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (tokens (batch, max_len), lengths (batch,))."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    tokens = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tokens[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return tokens, lengths

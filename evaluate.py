@@ -1,0 +1,62 @@
+"""Predict labels in input order, measure them (accuracy, macro-F1, confusion matrix), write prediction files."""
+from typing import Optional
+
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from data import Split, make_batches, pad_batch
+from runtime import Runtime
+from utils import write_text_atomic
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, runtime: Runtime) -> torch.Tensor:
+    """Log-probabilities of the labels (n_examples, n_labels), in input order; batches are formed by length so
+    little padding is computed, and under torchrun each process predicts every world_size-th batch."""
+    model.eval()
+    lengths = [len(t) for t in split.token_ids]
+    batches = make_batches(lengths, batch_size, shuffle=False)[runtime.rank::runtime.world_size]
+    scored = {}
+    for indices in runtime.progress(batches, f"eval {split.name}", leave=False):
+        tokens, batch_lengths = pad_batch([split.token_ids[i] for i in indices], pad_id)
+        with runtime.autocast():
+            log_probs = model(tokens.to(runtime.device), batch_lengths.to(runtime.device))
+        scored.update(zip(indices, log_probs.float().cpu()))
+    merged = {i: row for part in runtime.gather(scored) for i, row in part.items()}
+    return torch.stack([merged[i] for i in range(len(lengths))])
+
+
+def metrics(labels: list[int], predictions: list[int]) -> tuple[float, float]:
+    """Accuracy and macro-F1."""
+    return accuracy_score(labels, predictions), f1_score(labels, predictions, average="macro")
+
+
+def print_metrics(split: Split, predictions: list[int], label_names: list[str], confusion: bool) -> None:
+    acc, f1 = metrics(split.labels, predictions)
+    note = ""
+    if len(set(split.labels)) == 1:
+        note = (f"  (every {split.name} label is {split.labels[0]}: if they are placeholders, as in CFIMDB's test "
+                f"file, this accuracy means nothing)")
+    print(f"{split.name} acc :: {acc:.3f}  macro-F1 :: {f1:.3f}{note}")
+    if confusion:
+        matrix = confusion_matrix(split.labels, predictions, labels=range(len(label_names)))
+        width = max(8, *(len(name) + 1 for name in label_names))
+        print(f"{split.name} confusion matrix (rows: true label, columns: predicted)")
+        print(" " * width + "".join(f"{name:>{width}}" for name in label_names))
+        for name, row in zip(label_names, matrix):
+            print(f"{name:<{width}}" + "".join(f"{count:>{width}}" for count in row))
+
+
+def write_predictions(path: str, predictions: list[int], sentences: list[str]) -> None:
+    """The assignment's format: one `<label> ||| <sentence>` line per input, in input order."""
+    write_text_atomic(path, "".join(f"{p} ||| {s}\n" for p, s in zip(predictions, sentences)))
+    print(f"wrote {len(predictions)} predictions to {path}")
+
+
+def report(model: torch.nn.Module, split: Split, label_names: list[str], batch_size: int, pad_id: int,
+           runtime: Runtime, outfile: Optional[str]) -> None:
+    """Predict a labeled split, print its metrics (and the dev confusion matrix), write its predictions."""
+    predictions = predict(model, split, batch_size, pad_id, runtime).argmax(dim=-1).tolist()
+    print_metrics(split, predictions, label_names, confusion=split.name == "dev")
+    if outfile and runtime.is_main:
+        write_predictions(outfile, predictions, split.sentences)

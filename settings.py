@@ -1,0 +1,112 @@
+"""What a run was asked to do, as typed values: run_llama.py makes them once from the flags (defaults filled in,
+values checked), and the modules below read them and never see the flags."""
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+DEFAULT_MODEL = "stories42M.pt"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    model: str  # a llama2.c .pt or .bin
+    tokenizer: str  # its sentencepiece model
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    flag: str  # the output flag, for messages
+    temperature: float
+    output: str
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    prompt: str
+    max_new_tokens: int
+    top_k: Optional[int]
+    top_p: Optional[float]
+    quantize: Optional[str]  # None or "int8"
+    runs: tuple[GenerationRun, ...]  # the assignment's pair (T = 0 and 1), or one --temperature
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train: str  # read by prompt only with --eval_train
+    dev: str
+    test: str
+    label_names: str
+    dev_out: str
+    test_out: str
+    eval_train: bool
+    batch_size: int
+    max_sentence_len: Optional[int]
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+
+    def as_record(self) -> dict[str, Any]:
+        """As a checkpoint stores it (plain values: a list, not a tuple)."""
+        return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=list(self.targets))
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What a training run writes beside its data outputs, all named after --filepath."""
+    checkpoint: str
+    state: str
+    metrics: str
+    curves: str
+
+    @classmethod
+    def beside(cls, checkpoint: str) -> "RunFiles":
+        stem = os.path.splitext(checkpoint)[0]
+        return cls(checkpoint, checkpoint + ".state", stem + ".metrics.jsonl", stem + ".png")
+
+    def outputs(self) -> list[tuple[str, str]]:
+        """(flag, path) of each file, for the checks of output paths."""
+        return [("--filepath", self.checkpoint), ("--filepath (training state)", self.state),
+                ("--filepath (metrics)", self.metrics), ("--filepath (curves)", self.curves)]
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    option: str  # finetune or lora
+    epochs: int
+    lr: float
+    hidden_dropout_prob: float
+    lora: Optional[LoRASettings]  # None for full fine-tuning
+    files: RunFiles
+    resume: bool
+    overwrite: bool
+
+
+@dataclass(frozen=True)
+class ClassifySettings:
+    checkpoint: str
+    saved: dict  # the checkpoint's contents, read once
+    input: str  # a file, or - for standard input
+    output: Optional[str]  # None or -: standard output
+    model: Optional[str]  # overrides of the base model and tokenizer the checkpoint names
+    tokenizer: Optional[str]
+    batch_size: int  # these two, and Settings.dtype, default to the training run's
+    max_sentence_len: Optional[int]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run: the option and what it needs (the parts an option does not use are None)."""
+    option: str
+    use_gpu: bool
+    dtype: str  # fp32, bf16 or fp16 autocast
+    seed: int
+    model: Optional[ModelFiles]  # None for classify: the checkpoint names its own
+    generation: Optional[GenerationSettings] = None
+    data: Optional[DataSettings] = None
+    training: Optional[TrainingSettings] = None
+    classify: Optional[ClassifySettings] = None

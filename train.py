@@ -1,0 +1,171 @@
+"""The one training loop, for full fine-tuning and LoRA alike (they differ only in which parameters require grad),
+and the curves it draws.
+
+Each epoch trains on length-bucketed batches, evaluates dev, and ends by saving: the best-dev checkpoint when
+dev accuracy improved, then the whole training state (weights or adapters, optimizer, progress, every process's
+random-number generators) for --resume, then the metrics. Under torchrun every process draws the same global
+batches of batch_size * world_size examples (one shared generator) and trains on its own share; each example
+weighs 1 / (global batch size), so that the gradient DistributedDataParallel averages is the one a single
+process would compute.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint import STATE_FORMAT, load_trainable, rng_state, save_checkpoint, set_rng_state, trainable_state
+from data import Split, make_batches, pad_batch, shard
+from evaluate import metrics, predict
+from optimizer import AdamW
+from runtime import Interrupted, Runtime
+from settings import Settings
+from utils import UsageError, atomic_write, save_atomic, write_text_atomic
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands; saved in the state file with the tensors."""
+    last_epoch: int = -1  # the last finished epoch
+    best_dev_acc: float = -1.0
+    best_epoch: Optional[int] = None
+    history: list[dict] = dataclasses.field(default_factory=list)  # one entry per finished epoch
+
+
+class Training:
+    def __init__(self, model: torch.nn.Module, settings: Settings, described: dict, runtime: Runtime):
+        self.model, self.settings, self.described, self.runtime = model, settings, described, runtime
+        self.files = settings.training.files
+        self.trainer = model
+        if runtime.world_size > 1:
+            self.trainer = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        self.optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.training.lr)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+        self.generator = torch.Generator().manual_seed(settings.seed)  # the batches: the same in every process
+        self.progress = Progress()
+
+    def resume(self, state: dict) -> None:
+        """Go on from a training state (checked by checkpoint.check_run_files to come from this run)."""
+        load_trainable(self.model, state["trainable"], self.files.state)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise UsageError(f"--resume {self.files.state}: its optimizer state does not fit this model ({e}); "
+                             f"delete it and train again") from e
+        set_rng_state(state["rng"][self.runtime.rank], self.generator, self.runtime.device, self.files.state)
+        self.progress = Progress(state["epoch"], state["best_dev_acc"], state["best_epoch"], state["history"])
+        print(f"resumed from {self.files.state} after epoch {state['epoch']}")
+
+    def train_epoch(self, epoch: int, train: Split, pad_id: int) -> tuple[float, int]:
+        """One pass over the training set: (summed loss, examples seen)."""
+        runtime, global_batch = self.runtime, self.settings.data.batch_size * self.runtime.world_size
+        self.trainer.train()
+        batches = make_batches([len(t) for t in train.token_ids], global_batch, shuffle=True, generator=self.generator)
+        bar = runtime.progress(batches, f"train-{epoch}")
+        total_loss, n_seen, start = 0.0, 0, time.perf_counter()
+        for step, indices in enumerate(bar):
+            mine, weights = shard(indices, runtime.rank, runtime.world_size)
+            tokens, lengths = pad_batch([train.token_ids[i] for i in mine], pad_id)
+            labels = torch.tensor([train.labels[i] for i in mine], device=runtime.device)
+            with runtime.autocast():
+                log_probs = self.trainer(tokens.to(runtime.device), lengths.to(runtime.device))
+            nll = F.nll_loss(log_probs, labels, reduction="none")  # (batch,)
+            loss_sum = (nll * torch.tensor(weights, device=runtime.device)).sum()
+            batch_loss = runtime.sum(loss_sum.item())  # over all processes; NaN anywhere stops all
+            if not math.isfinite(batch_loss):
+                saved = (f"; the best checkpoint so far is kept in {self.files.checkpoint}"
+                         if self.progress.best_epoch is not None else "")
+                raise UsageError(f"training loss became {batch_loss} at epoch {epoch}, step {step}; lower --lr{saved}")
+            self.optimizer.zero_grad(set_to_none=True)
+            # DDP averages over processes, hence world_size / (global batch) rather than 1 / (own share)
+            self.scaler.scale(loss_sum * (runtime.world_size / len(indices))).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            total_loss += batch_loss
+            n_seen += len(indices)
+            bar.set_postfix(loss=f"{total_loss / n_seen:.3f}", ex_per_s=f"{n_seen / (time.perf_counter() - start):.1f}")
+        return total_loss, n_seen
+
+    def end_epoch(self, epoch: int, dev: Split, pad_id: int, train_loss: float, n_seen: int, start: float,
+                  train_seconds: float) -> None:
+        """Evaluate dev, then save: the checkpoint if dev improved, the state, the metrics."""
+        predictions = predict(self.model, dev, self.settings.data.batch_size, pad_id, self.runtime).argmax(-1).tolist()
+        dev_acc, dev_f1 = metrics(dev.labels, predictions)
+        mean_loss = train_loss / max(n_seen, 1)
+        print(f"epoch {epoch}: train loss :: {mean_loss:.3f}, dev acc :: {dev_acc:.3f}, "
+              f"{time.perf_counter() - start:.0f} s")
+        progress = self.progress
+        progress.history.append({"epoch": epoch, "train_loss": mean_loss, "dev_acc": dev_acc, "dev_f1": dev_f1,
+                                 "seconds": time.perf_counter() - start, "examples_per_s": n_seen / train_seconds})
+        if dev_acc > progress.best_dev_acc:
+            progress.best_dev_acc, progress.best_epoch = dev_acc, epoch
+            if self.runtime.is_main:
+                save_checkpoint(self.model, self.described, progress.history, epoch, self.files.checkpoint)
+        rngs = self.runtime.gather(rng_state(self.generator, self.runtime.device))
+        if self.runtime.is_main:  # after the checkpoint: a state never refers to a checkpoint not yet on disk
+            save_atomic({"format": STATE_FORMAT, "training": self.described["training"], "epoch": epoch,
+                         "best_dev_acc": progress.best_dev_acc, "best_epoch": progress.best_epoch,
+                         "history": progress.history, "trainable": trainable_state(self.model),
+                         "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                         "rng": rngs}, self.files.state)
+            write_text_atomic(self.files.metrics, "".join(json.dumps(entry) + "\n" for entry in progress.history))
+        progress.last_epoch = epoch
+
+
+def fit(model: torch.nn.Module, train: Split, dev: Split, settings: Settings, pad_id: int, runtime: Runtime,
+        described: dict, state: Optional[dict]) -> None:
+    """Train for --epochs (from where `state` ended, with --resume); keep the best-dev checkpoint at --filepath
+    and, after every epoch, the training state beside it. A signal after an epoch ended says what --resume
+    continues from."""
+    training = Training(model, settings, described, runtime)
+    if state is not None:
+        training.resume(state)
+    if runtime.world_size > 1:
+        print(f"{runtime.world_size} processes x batch {settings.data.batch_size} = effective batch size "
+              f"{settings.data.batch_size * runtime.world_size}")
+    try:
+        for epoch in range(training.progress.last_epoch + 1, settings.training.epochs):
+            start = time.perf_counter()
+            train_loss, n_seen = training.train_epoch(epoch, train, pad_id)
+            training.end_epoch(epoch, dev, pad_id, train_loss, n_seen, start, time.perf_counter() - start)
+    except Interrupted as stop:
+        if training.progress.last_epoch >= 0:
+            stop.progress = f"epochs up to {training.progress.last_epoch} are saved in {training.files.state}"
+            stop.resumable = True
+        raise
+    history = training.progress.history
+    if training.progress.best_epoch is None and runtime.is_main:  # zero epochs: the untrained model is the best
+        save_checkpoint(model, described, history, None, training.files.checkpoint)
+    if runtime.is_main and history:
+        plot_curves(history, training.files.curves, os.path.basename(training.files.checkpoint))
+    runtime.barrier()  # the checkpoint is on disk before any process reads it back
+
+
+def plot_curves(history: list[dict], path: str, title: str) -> None:
+    """Train loss and dev accuracy per epoch, as a PNG, where matplotlib is installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: pip install matplotlib (or ./setup.sh --test) to also get the curves in {path}")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [entry["epoch"] for entry in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    loss_ax.plot(epochs, [entry["train_loss"] for entry in history], marker="o")
+    loss_ax.set(xlabel="epoch", ylabel="train loss")
+    acc_ax.plot(epochs, [entry["dev_acc"] for entry in history], marker="o", label="accuracy")
+    acc_ax.plot(epochs, [entry["dev_f1"] for entry in history], marker="o", label="macro-F1")
+    acc_ax.set(xlabel="epoch", ylabel="dev")
+    acc_ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
