@@ -1,4 +1,4 @@
-"""Shared fixtures: where setup.sh put the assets, tiny configs, and the transformers oracle."""
+"""Shared fixtures: where setup.sh put the assets, and tiny configs."""
 import os
 import sys
 
@@ -9,7 +9,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import LlamaConfig  # noqa: E402
-from transformers_oracle import rotate_half_layout, to_transformers  # noqa: E402,F401  (the oracle mapping)
 from llama import Llama  # noqa: E402
 
 

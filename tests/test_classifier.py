@@ -1,13 +1,17 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier, prompt_suffix_text
+from classifier import (LlamaEmbeddingClassifier, LlamaZeroShotClassifier, build_classifier, prompt_suffix_text,
+                        zero_shot_classifier)
 from conftest import STORIES260K, TOK512, asset
-from data import Split, read_labeled_data, tokenize
+from data import Split, read_labeled_data
 from evaluate import predict
 from llama import load_pretrained
 from runtime import Runtime
+from settings import LoRASettings
 from tokenizer import Tokenizer
+from utils import UsageError
 
 CPU = Runtime(torch.device("cpu"))
 LABELS = ["awful", "bad", "average", "good", "excellent"]
@@ -95,17 +99,6 @@ def test_embedding_classifier_reads_the_last_real_token():
     assert torch.allclose(alone.exp().sum(), torch.tensor(1.0))
 
 
-def test_max_sentence_len_cuts_only_the_sentence():
-    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
-    suffix = tokenizer.encode(prompt_suffix_text(LABELS), bos=False, eos=False)
-    sentence = "a long and winding sentence about a film"
-    body = tokenizer.encode(sentence, bos=False, eos=False)
-    ids, n_cut = tokenize([(0, sentence)], tokenizer, 512, max_sentence_len=2, prompt_suffix=suffix)
-    assert ids == [[tokenizer.bos_id] + body[:2] + suffix] and n_cut == 0
-    ids, _ = tokenize([(0, sentence)], tokenizer, 512, max_sentence_len=3)
-    assert ids == [[tokenizer.bos_id] + body[:3] + [tokenizer.eos_id]]
-
-
 def test_an_untied_output_matrix_is_not_trained_by_the_classifier():
     llama = load_pretrained(asset(STORIES260K))
     llama.output.weight = torch.nn.Parameter(llama.output.weight.detach().clone())
@@ -114,3 +107,31 @@ def test_an_untied_output_matrix_is_not_trained_by_the_classifier():
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert "llama.output.weight" not in trainable
     assert all(model.get_parameter(name).grad is not None for name in trainable)
+
+
+def test_lora_classifier_trains_the_adapters_and_the_head_only():
+    llama = load_pretrained(asset(STORIES260K))
+    lora = LoRASettings(rank=2, alpha=1.0, dropout=0.0, targets=("wq", "w2"))
+    model = build_classifier(llama, 3, hidden_dropout_prob=0.0, lora=lora)
+    trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    n_layers = llama.config.n_layers
+    assert len(trainable) == 2 * 2 * n_layers + 2  # lora_A and lora_B on two targets per layer, head weight and bias
+    assert all(name.endswith(("lora_A", "lora_B")) or name.startswith("classifier_head.") for name in trainable)
+    assert any(".attention.wq.lora_A" in name for name in trainable)
+    assert any(".feed_forward.w2.lora_B" in name for name in trainable)
+
+
+def test_zero_shot_labels_that_tokenize_alike_are_refused():
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    llama = load_pretrained(asset(STORIES260K))
+    model = zero_shot_classifier(llama, tokenizer, ["bad", "good"], "labels.json")
+    assert model.label_token_ids == [tokenizer.encode(n, bos=False, eos=False) for n in ("bad", "good")]
+    assert model.prompt_suffix == tokenizer.encode("Is this movie bad or good? This movie is ", bos=False, eos=False)
+
+
+    class CaseBlind:  # a tokenizer to which "Good" and "good" are the same tokens
+        def encode(self, text, bos, eos):
+            return tokenizer.encode(text.lower(), bos, eos)
+
+    with pytest.raises(UsageError, match="labels.json: 'good' and 'Good' are the same tokens"):
+        zero_shot_classifier(llama, CaseBlind(), ["good", "Good"], "labels.json")

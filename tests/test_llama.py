@@ -1,12 +1,10 @@
-import os
-
-import pytest
 import torch
 
 from config import LlamaConfig
-from conftest import STORIES260K, asset, tiny_config, to_transformers
-from llama import Llama, load_pretrained
-from utils import UsageError
+from conftest import STORIES260K, TOK512, asset, tiny_config
+from llama import Llama, load_pretrained, sample_next_token
+from tokenizer import Tokenizer
+from transformers_oracle import to_transformers
 
 STORIES42M_SHAPE = LlamaConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, max_seq_len=1024)
 
@@ -84,82 +82,91 @@ def test_last_position_logits_by_default(tiny_model):
     assert torch.allclose(last[:, 0], full[:, -1])
 
 
-def test_pt_and_bin_exports_give_identical_logits():
-    pt, bin_ = load_pretrained(asset("stories260K.pt")), load_pretrained(asset("stories260K.bin"))
-    tokens = torch.randint(0, 512, (2, 30))
-    with torch.no_grad():
-        assert torch.equal(pt(tokens, all_logits=True)[0], bin_(tokens, all_logits=True)[0])
-    assert pt.config.hidden_dim == bin_.config.hidden_dim == 172
+# ---------------------------------------------------------------------------------------------------------
+# generation
+
+def test_cached_greedy_decoding_equals_recomputing(tiny_model):
+    prompt = torch.randint(0, 97, (2, 5))
+    cached = tiny_model.generate(prompt, 30, temperature=0.0)
+    recomputed = tiny_model.generate(prompt, 30, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, 35)
+    assert torch.equal(cached, recomputed)
 
 
-def save_checkpoint(tmp_path, state_dict, model_args, name="model.pt"):
-    path = os.path.join(tmp_path, name)
-    torch.save({"model": state_dict, "model_args": model_args, "iter_num": 0}, path)
-    return path
+def test_cached_sampling_equals_recomputing_with_the_same_seed(tiny_model):
+    prompt = torch.randint(0, 97, (1, 4))
+    torch.manual_seed(3)
+    cached = tiny_model.generate(prompt, 20, temperature=1.0)
+    torch.manual_seed(3)
+    recomputed = tiny_model.generate(prompt, 20, temperature=1.0, use_cache=False)
+    assert torch.equal(cached, recomputed)
 
 
-def test_loads_assignment_names_and_compile_prefix(tmp_path, tiny_model):
-    renames = {"wq": "compute_query", "wk": "compute_key", "wv": "compute_value", "wo": "compute_output"}
-    state = {}
-    for name, tensor in tiny_model.state_dict().items():
-        parts = [renames.get(p, p) for p in name.split(".")]
-        state["_orig_mod." + ".".join(parts)] = tensor
-    args = {k: getattr(tiny_model.config, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                                                         "multiple_of", "max_seq_len")}
-    loaded = load_pretrained(save_checkpoint(tmp_path, state, args)).eval()
-    tokens = torch.randint(0, 97, (2, 8))
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens)[0], tiny_model(tokens)[0])
-    assert loaded.tied_embeddings
+def test_stories260K_greedy_is_the_published_sample_and_cache_agrees():
+    model = load_pretrained(asset(STORIES260K)).eval()
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    prompt = torch.tensor([tokenizer.encode("Once upon a time", bos=True, eos=False)])
+    out = model.generate(prompt, 60, temperature=0.0)
+    assert torch.equal(out, model.generate(prompt, 60, temperature=0.0, use_cache=False))
+    text = tokenizer.decode(out[0].tolist())
+    assert text.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside")
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (lambda s: s.pop("layers.1.attention.wk.weight"), "missing"),
-    (lambda s: s.__setitem__("layers.0.extra.weight", torch.zeros(3)), "unexpected"),
-    (lambda s: s.__setitem__("norm.weight", torch.ones(31)), "shape"),
-])
-def test_strict_loading_refuses_mismatched_tensors(tmp_path, tiny_model, corrupt, message):
-    state = dict(tiny_model.state_dict())
-    corrupt(state)
-    args = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 97, "multiple_of": 8}
-    with pytest.raises(UsageError, match=message):
-        load_pretrained(save_checkpoint(tmp_path, state, args))
-
-
-def test_unknown_model_args_are_ignored_and_missing_defaulted():
-    with pytest.warns(UserWarning, match="ignored"):
-        config = LlamaConfig.from_model_args({"dim": 64, "n_heads": 8, "flash": True})
-    assert config.n_kv_heads == 8 and config.vocab_size == 32000 and config.hidden_dim == 192
-    assert tiny_config().hidden_dim == 88  # 2/3 * 4 * 32 = 85, rounded up to a multiple of 8
-
-
-def test_untied_bin_export_loads_its_own_output_matrix(tmp_path):
-    import struct
-
+def test_stops_cleanly_at_max_seq_len():
     torch.manual_seed(0)
-    model = Llama(tiny_config(), tied_embeddings=False).eval()
-    c = model.config
-    tensors = [model.tok_embeddings.weight]
-    for name in ("attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
-                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
-        tensors += [layer.get_submodule(name).weight for layer in model.layers]
-    tensors += [model.norm.weight, model.freqs_cis.real, model.freqs_cis.imag, model.output.weight]
-    path = os.path.join(tmp_path, "untied.bin")
-    with open(path, "wb") as f:
-        f.write(struct.pack("7i", c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, -c.vocab_size,
-                            c.max_seq_len))
-        for t in tensors:
-            f.write(t.detach().float().numpy().tobytes())
-    loaded = load_pretrained(path).eval()
-    assert not loaded.tied_embeddings
-    tokens = torch.randint(0, 97, (1, 7))
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens)[0], model(tokens)[0])
+    model = Llama(tiny_config(max_seq_len=16)).eval()
+    out = model.generate(torch.randint(0, 97, (1, 10)), 50, temperature=0.0)
+    assert out.shape == (1, 16)
+    assert torch.equal(out, model.generate(out[:, :10], 50, temperature=0.0, use_cache=False))
 
 
-def test_loads_torch_s_old_non_zip_format(tmp_path):
-    path = os.path.join(tmp_path, "old.pt")
-    torch.save(torch.load(asset(STORIES260K)), path, _use_new_zipfile_serialization=False)  # cannot be mmapped
-    tokens = torch.randint(0, 512, (1, 9))
-    with torch.no_grad():
-        assert torch.equal(load_pretrained(path)(tokens)[0], load_pretrained(asset(STORIES260K))(tokens)[0])
+def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next_token(logits, 1.0, top_k=1), logits.argmax(-1, keepdim=True))
+    peaked = torch.full((1, 10), -10.0)
+    peaked[0, 7] = 10.0
+    samples = torch.cat([sample_next_token(peaked, 1.0, top_p=0.5) for _ in range(20)])
+    assert (samples == 7).all()
+
+
+def test_generates_under_bf16_autocast(tiny_model):
+    prompt = torch.randint(0, 97, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_model.generate(prompt, 10, temperature=0.0)
+        logits, _ = tiny_model(prompt)
+    assert out.shape == (2, 15) and torch.equal(out[:, :5], prompt)
+    assert logits.dtype == torch.bfloat16
+
+
+def test_top_p_one_keeps_every_token(monkeypatch):
+    """A float32 cumulative sum reaches 1.0 long before the last of 32000 tokens: top_p 1.0 must drop none."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 32000) * 3
+    seen = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, **kw: seen.append(probs) or multinomial(probs, **kw))
+    sample_next_token(logits, 1.0, top_p=1.0)
+    sample_next_token(logits, 1.0, top_p=0.9999999)
+    assert (seen[0] > 0).sum() == 32000
+    assert (seen[1] > 0).sum() > 30000
+
+
+def test_a_tiny_temperature_is_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 32000) * 5
+    for temperature in (1e-38, 1e-300, 5e-324):
+        assert torch.equal(sample_next_token(logits, temperature), logits.argmax(-1, keepdim=True))
+
+
+def test_casting_the_model_keeps_the_rotary_table_and_the_story():
+    """.to(bfloat16) and .half() would turn a complex buffer real; greedy decoding then degenerates."""
+    model = load_pretrained(asset(STORIES260K)).eval()
+    table = model.freqs_cis.clone()
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = load_pretrained(asset(STORIES260K)).eval().to(dtype)
+        assert cast.freqs_cis.dtype == torch.complex64 and torch.equal(cast.freqs_cis, table)
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    prompt = torch.tensor([tokenizer.encode("Once upon a time", bos=True, eos=False)])
+    text = tokenizer.decode(model.to(torch.bfloat16).generate(prompt, 20, temperature=0.0)[0].tolist())
+    assert text.startswith("Once upon a time, there was a little girl named Lily. She loved to play")

@@ -3,9 +3,10 @@ import io
 import pytest
 import torch
 
-from conftest import STORIES260K, asset, rotate_half_layout, to_transformers
+from conftest import STORIES260K, asset
 from llama import Llama, load_pretrained
-from lora import ALL_TARGETS, LoRALinear, inject_lora, lora_state_dict, merge_lora, unmerge_lora
+from lora import ALL_TARGETS, LoRALinear, inject_lora, is_adapter, lora_state_dict, merge_lora, unmerge_lora
+from transformers_oracle import rotate_half_layout, to_transformers
 
 
 def randomize_adapters(model):
@@ -73,7 +74,7 @@ def test_only_adapters_train_and_the_checkpoint_names_stay():
     for p in lora_state_dict(model).values():
         assert not p.requires_grad  # a detached copy, safe to save
     for name, p in model.named_parameters():
-        p.requires_grad = "lora_" in name
+        p.requires_grad = is_adapter(name)
     assert names_before <= set(model.state_dict())  # base weights keep their names: a base checkpoint loads
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable < 0.05 * sum(p.numel() for p in model.parameters())

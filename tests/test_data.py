@@ -1,0 +1,88 @@
+"""Data files, tokenizing to the model's window, and batching."""
+import pytest
+import torch
+
+from conftest import TOK512, asset
+from classifier import prompt_suffix_text
+from data import make_batches, pad_batch, read_label_names, read_labeled_data, shard, tokenize
+from tokenizer import Tokenizer
+from utils import UsageError
+
+LABELS = ["awful", "bad", "average", "good", "excellent"]
+
+
+def test_labeled_and_bare_lines_are_read_but_never_mixed(tmp_path):
+    labeled = tmp_path / "labeled.txt"
+    labeled.write_bytes(b"\xef\xbb\xbf1 ||| fine film \r\n\n0 ||| dull\n")
+    assert read_labeled_data(str(labeled), "--dev") == [(1, "fine film"), (0, "dull")]
+    bare = tmp_path / "bare.txt"
+    bare.write_text("a film\nanother one\n")
+    assert read_labeled_data(str(bare), "--input", labels_optional=True) == [(None, "a film"), (None, "another one")]
+    with pytest.raises(UsageError, match="line 1: no ' \\|\\|\\| ' separator"):
+        read_labeled_data(str(bare), "--dev")
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("1 ||| labeled\nbare\n")
+    with pytest.raises(UsageError, match="mixed.txt, line 2: some lines have"):
+        read_labeled_data(str(mixed), "--input", labels_optional=True)
+
+
+def test_label_names_must_be_a_list_of_distinct_names(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_text('["bad", "good"]')
+    assert read_label_names(str(path)) == ["bad", "good"]
+    for content, words in (('["bad", " bad"]', "twice"), ('{"bad": 0}', "list"), ("[]", "list"), ("[bad", "JSON")):
+        path.write_text(content)
+        with pytest.raises(UsageError, match=words):
+            read_label_names(str(path))
+
+
+def test_max_sentence_len_cuts_only_the_sentence():
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    suffix = tokenizer.encode(prompt_suffix_text(LABELS), bos=False, eos=False)
+    sentence = "a long and winding sentence about a film"
+    body = tokenizer.encode(sentence, bos=False, eos=False)
+    ids, n_cut = tokenize([(0, sentence)], tokenizer, 512, max_sentence_len=2, prompt_suffix=suffix)
+    assert ids == [[tokenizer.bos_id] + body[:2] + suffix] and n_cut == 0
+    ids, _ = tokenize([(0, sentence)], tokenizer, 512, max_sentence_len=3)
+    assert ids == [[tokenizer.bos_id] + body[:3] + [tokenizer.eos_id]]
+
+
+def test_the_window_cuts_the_sentence_and_keeps_the_prompt_and_label_room():
+    tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
+    suffix = [7, 8, 9]
+    ids, n_cut = tokenize([(0, "word " * 50), (1, "short")], tokenizer, 20, prompt_suffix=suffix, label_room=2)
+    assert n_cut == 1
+    assert len(ids[0]) == 20 - 2 and ids[0][-3:] == suffix and ids[0][0] == tokenizer.bos_id
+    with pytest.raises(UsageError, match="max_seq_len 20"):
+        tokenize([(0, "x")], tokenizer, 20, prompt_suffix=list(range(17)), label_room=2)
+
+
+def test_evaluation_batches_cover_every_example_once_sorted_by_length():
+    lengths = [5, 1, 9, 3, 3, 7, 2]
+    batches = make_batches(lengths, 3, shuffle=False)
+    flat = [i for batch in batches for i in batch]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths)
+    assert all(len(batch) <= 3 for batch in batches)
+
+
+def test_training_batches_cover_every_example_once_and_follow_the_seed():
+    lengths = [int(n) for n in torch.randint(1, 60, (500,), generator=torch.Generator().manual_seed(0))]
+    draw = lambda seed: make_batches(lengths, 16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    batches = draw(1)
+    assert sorted(i for batch in batches for i in batch) == list(range(500))
+    assert all(len(batch) <= 16 for batch in batches)
+    assert draw(1) == batches and draw(2) != batches
+
+
+def test_a_short_global_batch_is_filled_with_copies_that_weigh_nothing():
+    shares = [shard([10, 11, 12], rank, 2) for rank in range(2)]
+    assert shares == [([10, 12], [1.0, 1.0]), ([11], [1.0])]
+    shares = [shard([10], rank, 3) for rank in range(3)]
+    assert [indices for indices, _ in shares] == [[10], [10], [10]]
+    assert sum(w for _, weights in shares for w in weights) == 1.0
+
+
+def test_pad_batch_right_pads_and_keeps_the_lengths():
+    tokens, lengths = pad_batch([[1, 2, 3], [4]], pad_id=0)
+    assert tokens.tolist() == [[1, 2, 3], [4, 0, 0]] and lengths.tolist() == [3, 1]

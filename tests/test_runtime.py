@@ -1,0 +1,60 @@
+import os
+import signal
+
+import pytest
+import torch
+
+import runtime
+from runtime import Interrupted, Runtime, amp_dtype, get_device, signals_interrupt
+from utils import UsageError
+
+
+def test_precision_names_map_to_autocast_dtypes_and_fp16_needs_a_gpu(monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    assert amp_dtype("fp32", cpu) is None
+    with pytest.raises(UsageError, match="--dtype fp16 needs --use_gpu"):
+        amp_dtype("fp16", cpu)
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+    assert "no bf16 matrix instructions" in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: True)
+    amp_dtype("bf16", cpu)
+    assert capsys.readouterr().err == ""
+
+
+def test_autocast_computes_in_the_chosen_precision_and_fp32_is_plain():
+    x = torch.randn(4, 4)
+    with Runtime(torch.device("cpu"), torch.bfloat16).autocast():
+        assert (x @ x).dtype == torch.bfloat16
+    with Runtime(torch.device("cpu")).autocast():
+        assert (x @ x).dtype == torch.float32
+
+
+def test_one_process_sums_and_gathers_its_own_values():
+    one = Runtime(torch.device("cpu"))
+    assert one.is_main and one.sum(2.5) == 2.5 and one.gather({"a": 1}) == [{"a": 1}]
+
+
+def test_progress_bars_show_on_rank_zero_only(monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert not Runtime(torch.device("cpu"), rank=0, world_size=2).progress(range(3), "x").disable
+    assert Runtime(torch.device("cpu"), rank=1, world_size=2).progress(range(3), "x").disable
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_become_interrupted_inside_the_block_only(signum, status):
+    before = signal.getsignal(signum)
+    with pytest.raises(Interrupted) as stop:
+        with signals_interrupt():
+            os.kill(os.getpid(), signum)
+    assert stop.value.status == status and str(stop.value) == signal.Signals(signum).name
+    assert not stop.value.resumable
+    assert signal.getsignal(signum) is before
+
+
+def test_use_gpu_without_one_is_a_usage_error(monkeypatch):
+    assert get_device(False) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="--use_gpu: no CUDA"):
+        get_device(True)

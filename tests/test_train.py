@@ -1,0 +1,76 @@
+"""The training loop on a tiny random model and a task it can learn in seconds."""
+import json
+import sys
+
+import torch
+
+from checkpoint import CHECKPOINT_FORMAT, STATE_FORMAT, read_saved
+from classifier import build_classifier
+from conftest import tiny_config
+from data import Split
+from llama import Llama
+from runtime import Runtime
+from settings import DataSettings, LoRASettings, RunFiles, Settings, TrainingSettings
+from train import fit, plot_curves
+
+
+def first_token_task(n: int, seed: int) -> Split:
+    """Label 1 when a sequence starts with token 3, 0 when with token 4; the rest is noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=generator).tolist()
+    token_ids = [[1, 3 if label else 4] + torch.randint(5, 97, (int(torch.randint(1, 8, (1,), generator=generator)),),
+                                                        generator=generator).tolist() for label in labels]
+    return Split("dev", labels, ["-"] * n, token_ids)
+
+
+def settings_for(folder, epochs: int, lora: LoRASettings = None) -> Settings:
+    data = DataSettings("train.txt", "dev.txt", "test.txt", "labels.json", "dev-out.txt", "test-out.txt", False,
+                        batch_size=8, max_sentence_len=None)
+    training = TrainingSettings("lora" if lora else "finetune", epochs, 1e-2, 0.0, lora,
+                                RunFiles.beside(str(folder / "model.pt")), resume=False, overwrite=False)
+    return Settings(training.option, False, "fp32", 0, None, data=data, training=training)
+
+
+def train_tiny(folder, epochs, lora=None):
+    torch.manual_seed(0)
+    model = build_classifier(Llama(tiny_config()), 2, hidden_dropout_prob=0.0, lora=lora)
+    settings = settings_for(folder, epochs, lora)
+    described = {"format": CHECKPOINT_FORMAT, "training": {"--epochs": epochs}, "base_model": {}, "tokenizer": {},
+                 "label_names": ["no", "yes"], "hidden_dropout_prob": 0.0}
+    fit(model, first_token_task(64, 0), first_token_task(32, 1), settings, 0, Runtime(torch.device("cpu")), described,
+        None)
+    return model, settings.training.files
+
+
+def test_full_fine_tuning_learns_and_saves_every_epoch(tmp_path):
+    model, files = train_tiny(tmp_path, epochs=4)
+    history = [json.loads(line) for line in open(files.metrics)]
+    assert [entry["epoch"] for entry in history] == [0, 1, 2, 3]
+    assert history[-1]["dev_acc"] == 1.0 and history[-1]["train_loss"] < history[0]["train_loss"]
+    checkpoint = read_saved(files.checkpoint, "--filepath", CHECKPOINT_FORMAT)
+    assert checkpoint["best_epoch"] == next(e["epoch"] for e in history if e["dev_acc"] == 1.0)
+    assert set(checkpoint["trainable"]) == {name for name, p in model.named_parameters() if p.requires_grad}
+    state = read_saved(files.state, "--resume", STATE_FORMAT)
+    assert state["epoch"] == 3 and state["history"] == history
+
+
+def test_lora_checkpoints_hold_the_adapters_and_the_head_only(tmp_path):
+    lora = LoRASettings(rank=2, alpha=1.0, dropout=0.0, targets=("wq", "wv"))
+    _, files = train_tiny(tmp_path, epochs=1, lora=lora)
+    trainable = read_saved(files.checkpoint, "--filepath", CHECKPOINT_FORMAT)["trainable"]
+    assert len(trainable) == 2 * 2 * tiny_config().n_layers + 2
+    assert all(name.endswith(("lora_A", "lora_B")) or name.startswith("classifier_head.") for name in trainable)
+
+
+def test_zero_epochs_save_the_untrained_classifier_and_no_curves(tmp_path):
+    _, files = train_tiny(tmp_path, epochs=0)
+    checkpoint = read_saved(files.checkpoint, "--filepath", CHECKPOINT_FORMAT)
+    assert checkpoint["best_epoch"] is None and checkpoint["history"] == []
+    assert not (tmp_path / "model.pt.state").exists() and not (tmp_path / "model.png").exists()
+
+
+def test_without_matplotlib_the_curves_are_one_line_of_advice(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    plot_curves([{"epoch": 0, "train_loss": 1.0, "dev_acc": 0.5, "dev_f1": 0.5}], str(tmp_path / "c.png"), "run")
+    assert capsys.readouterr().out == f"note: pip install matplotlib (or ./setup.sh --test) to also get the curves in {tmp_path / 'c.png'}\n"
+    assert not (tmp_path / "c.png").exists()

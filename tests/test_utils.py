@@ -1,0 +1,68 @@
+import hashlib
+import os
+import stat
+
+import pytest
+import torch
+
+from utils import UsageError, atomic_write, check_outputs, file_sha256, load_tensors, require_file, write_text_atomic
+
+
+def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "out.txt"
+    write_text_atomic(str(path), "first\n")
+    assert path.read_text() == "first\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
+
+    def fails_half_way(f):
+        f.write(b"half of a ")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_write(str(path), fails_half_way)
+    assert path.read_text() == "first\n"
+    assert os.listdir(tmp_path) == ["out.txt"]  # no temporary file left behind
+
+
+def test_outputs_are_checked_before_any_work(tmp_path):
+    data = tmp_path / "dev.txt"
+    data.write_text("1 ||| x\n")
+    check_outputs([("--dev_out", str(tmp_path / "a.txt")), ("--test_out", str(tmp_path / "b.txt"))],
+                  [("--dev", str(data))])
+    cases = [([("--dev_out", str(tmp_path / "no" / "a.txt"))], "does not exist"),
+             ([("--dev_out", str(tmp_path))], "is a folder"),
+             ([("--dev_out", str(data))], "--dev_out .*is also --dev, an input"),
+             ([("--dev_out", "x.txt"), ("--test_out", "./x.txt")], "--test_out ./x.txt: is also --dev_out, another output")]
+    for outputs, message in cases:
+        with pytest.raises(UsageError, match=message):
+            check_outputs(outputs, [("--dev", str(data))])
+
+
+def test_require_file_names_the_flag_and_the_fix(tmp_path):
+    with pytest.raises(UsageError, match="--dev nope.txt: no such file; run it"):
+        require_file("--dev", "nope.txt", "run it")
+    with pytest.raises(UsageError, match="is a folder"):
+        require_file("--dev", str(tmp_path), "run it")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_loads_tensors_and_plain_values_but_never_code(tmp_path):
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(2), "n": 3, "names": ["a"]}, good)
+    loaded = load_tensors(str(good), "--filepath")
+    assert torch.equal(loaded["w"], torch.ones(2)) and loaded["n"] == 3 and loaded["names"] == ["a"]
+    torch.save({"x": RunsCode()}, bad)
+    with pytest.raises(UsageError, match="--filepath .*bad.pt: truncated, corrupt or not a PyTorch checkpoint"):
+        load_tensors(str(bad), "--filepath")
+
+
+def test_file_hash_is_sha256_of_the_bytes(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(3 << 20))  # more than one read block
+    assert file_sha256(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()
