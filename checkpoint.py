@@ -182,9 +182,10 @@ def check_run_files(settings: Settings, record: dict) -> Optional[dict]:
     training = settings.training
     state_path = training.files.state
     state = None
-    if training.resume:
-        if not os.path.isfile(state_path):
-            raise UsageError(f"--resume: no training state {state_path}; run once without --resume first")
+    if training.resume and not os.path.exists(state_path):
+        # a job that a scheduler starts again and again with --resume: its first start has nothing to resume
+        print(f"note: --resume: no training state {state_path} yet, so training starts at epoch 0")
+    elif training.resume:
         state = read_saved(state_path, "--resume", STATE_FORMAT)
         changed = differences(state["training"], record, may_differ=("--epochs",))
         if changed:
@@ -215,9 +216,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(model: nn.Module, described: dict, history: list[dict], best_epoch: Optional[int],
                     path: str) -> None:
+    """The classifier after best_epoch (None: untrained, when no epoch ran)."""
     save_atomic({**described, "history": list(history), "best_epoch": best_epoch,
                  "trainable": trainable_state(model)}, path)
-    print(f"saved the best model so far to {path}")
+    what = "the untrained classifier (no epoch ran)" if best_epoch is None else f"the best model so far (epoch {best_epoch})"
+    print(f"saved {what} to {path}")
 
 
 # ---------------------------------------------------------------------------------------------------------

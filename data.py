@@ -4,7 +4,7 @@ import codecs
 import dataclasses
 import json
 import sys
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -12,30 +12,44 @@ from tokenizer import Tokenizer
 from utils import UsageError, require_file
 
 
+class Example(NamedTuple):
+    line: int  # its line in the file, from 1
+    label: Optional[int]  # None for a bare sentence
+    sentence: str
+
+
 def read_lines(path: str, flag: str) -> list[str]:
-    """The lines of a UTF-8 text file (or of standard input for "-"), without a byte-order mark."""
+    """The lines of a UTF-8 text file (or of standard input for "-"), without a byte-order mark. Lines end at
+    \n or \r\n only: a lone \r inside a line is part of it, as a text editor that shows one line sees it."""
     if path == "-":
+        if sys.stdin is None:
+            raise UsageError(f"{flag} -: standard input is closed; pipe the sentences in, or pass a file")
         raw = sys.stdin.buffer.read()
     else:
         require_file(flag, path, "run ./setup.sh to fetch the data, or fix the path")
         with open(path, "rb") as f:
             raw = f.read()
     raw = raw.removeprefix(codecs.BOM_UTF8)  # Notepad writes one
+    chunks = raw.split(b"\n")
+    if chunks[-1] == b"":
+        chunks.pop()  # the newline at the end of the file ends the last line; it starts no new one
     lines = []
-    for line_no, line in enumerate(raw.splitlines(), start=1):
+    for line_no, line in enumerate(chunks, start=1):
         try:
-            lines.append(line.decode("utf-8"))
+            lines.append(line.removesuffix(b"\r").decode("utf-8"))
         except UnicodeDecodeError as e:
             raise UsageError(f"{flag} {path}, line {line_no}: not UTF-8 ({e.reason} at byte {e.start}); "
                              f"re-save the file as UTF-8") from e
     return lines
 
 
-def read_labeled_data(path: str, flag: str, labels_optional: bool = False) -> list[tuple[Optional[int], str]]:
-    """Read `<label> ||| <sentence>` lines into (label, sentence) pairs; `flag` names the option for errors.
+def read_labeled_data(path: str, flag: str, labels_optional: bool = False) -> tuple[list[Example], int]:
+    """The examples of `<label> ||| <sentence>` lines, and how many lines the file has; blank lines hold none.
     With labels_optional, bare sentences are read too, with label None (all lines alike: labeled or not)."""
     examples = []
-    for line_no, line in enumerate(read_lines(path, flag), start=1):
+    form = "a sentence or '<label> ||| <sentence>'" if labels_optional else "'<label> ||| <sentence>'"
+    lines = read_lines(path, flag)
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         label_text, sep, sentence = line.partition(" ||| ")
@@ -46,16 +60,16 @@ def read_labeled_data(path: str, flag: str, labels_optional: bool = False) -> li
         if label is None:
             if not labels_optional:
                 problem = (f"label {label_text.strip()!r} is not an integer" if sep else
-                           "no ' ||| ' separator; each line must be '<label> ||| <sentence>'")
+                           f"no ' ||| ' separator; each line must be {form}")
                 raise UsageError(f"{flag} {path}, line {line_no}: {problem}")
             sentence = line
-        if examples and (label is None) != (examples[0][0] is None):
+        if examples and (label is None) != (examples[0].label is None):
             raise UsageError(f"{flag} {path}, line {line_no}: some lines have a '<label> ||| ' and some do not; "
                              f"label every line or none")
-        examples.append((label, sentence.strip()))
+        examples.append(Example(line_no, label, sentence.strip()))
     if not examples:
-        raise UsageError(f"{flag} {path}: the file has no examples; each line must be '<label> ||| <sentence>'")
-    return examples
+        raise UsageError(f"{flag} {path}: the file has no examples; each line must be {form}")
+    return examples, len(lines)
 
 
 def read_label_names(path: str) -> list[str]:
@@ -75,11 +89,12 @@ def read_label_names(path: str) -> list[str]:
     return names
 
 
-def check_labels(examples: list[tuple[int, str]], n_labels: int, flag: str, path: str) -> None:
-    for label, _ in examples:
-        if not 0 <= label < n_labels:
-            raise UsageError(f"{flag} {path}: label {label} is outside 0..{n_labels - 1}, the labels that "
-                             f"--label-names names; pass the label mapping of this dataset")
+def check_labels(examples: list[Example], n_labels: int, flag: str, path: str) -> None:
+    for example in examples:
+        if not 0 <= example.label < n_labels:
+            raise UsageError(f"{flag} {path}, line {example.line}: label {example.label} is outside "
+                             f"0..{n_labels - 1}, the labels that --label-names names; pass the label mapping of "
+                             f"this dataset")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,9 +106,11 @@ class Split:
     labels: list[Optional[int]]
     sentences: list[str]
     token_ids: list[list[int]]  # what the model reads, already cut to its window
+    lines: Optional[list[int]] = None  # each example's line in its file (prediction files follow them)
+    n_lines: Optional[int] = None  # the file's lines, blank ones included
 
 
-def tokenize(examples: list[tuple[Optional[int], str]], tokenizer: Tokenizer, max_seq_len: int,
+def tokenize(examples: list[Example], tokenizer: Tokenizer, max_seq_len: int,
              max_sentence_len: Optional[int] = None, prompt_suffix: Optional[list[int]] = None,
              label_room: int = 0) -> tuple[list[list[int]], int]:
     """Token ids of each sentence: bos + sentence + suffix (zero-shot; the label is appended later) or
@@ -105,8 +122,8 @@ def tokenize(examples: list[tuple[Optional[int], str]], tokenizer: Tokenizer, ma
         raise UsageError(f"the prompt and labels need {max_seq_len - room} tokens, more than the model's "
                          f"max_seq_len {max_seq_len}; use shorter --label-names")
     token_ids, n_cut = [], 0
-    for _, sentence in examples:
-        body = tokenizer.encode(sentence, bos=False, eos=False)[:max_sentence_len]
+    for example in examples:
+        body = tokenizer.encode(example.sentence, bos=False, eos=False)[:max_sentence_len]
         n_cut += len(body) > room
         token_ids.append([tokenizer.bos_id] + body[:room] + tail)
     return token_ids, n_cut
@@ -114,14 +131,21 @@ def tokenize(examples: list[tuple[Optional[int], str]], tokenizer: Tokenizer, ma
 
 def load_split(name: str, path: str, n_labels: int, tokenizer: Tokenizer, max_seq_len: int,
                max_sentence_len: Optional[int] = None, prompt_suffix: Optional[list[int]] = None,
-               label_room: int = 0) -> Split:
+               label_room: int = 0, labels_optional: bool = False) -> Split:
     """Read, check and tokenize one data file (see tokenize); `name` is also its flag (--name)."""
     flag = f"--{name}"
-    examples = read_labeled_data(path, flag)
-    check_labels(examples, n_labels, flag, path)
+    examples, n_lines = read_labeled_data(path, flag, labels_optional)
+    if examples[0].label is not None:
+        check_labels(examples, n_labels, flag, path)
     token_ids, n_cut = tokenize(examples, tokenizer, max_seq_len, max_sentence_len, prompt_suffix, label_room)
-    print(f"load {len(examples)} data from {path}" + (f" ({n_cut} cut to fit {max_seq_len} tokens)" if n_cut else ""))
-    return Split(name, [label for label, _ in examples], [s for _, s in examples], token_ids)
+    notes = [f"{n_cut} cut to fit {max_seq_len} tokens"] if n_cut else []
+    if n_lines > len(examples):
+        blank = n_lines - len(examples)
+        notes.append(f"{blank} blank line{'s' * (blank > 1)} skipped" + (", left blank in the output" if labels_optional
+                                                                          else ""))
+    print(f"load {len(examples)} data from {path}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return Split(name, [e.label for e in examples], [e.sentence for e in examples], token_ids,
+                 [e.line for e in examples], n_lines)
 
 
 def warn_if_labels_unused(splits: list[Split], label_names: list[str], path: str) -> None:

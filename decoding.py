@@ -67,7 +67,8 @@ class Int8Linear(nn.Module):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             out = torch._weight_int8pack_mm(flat, self.weight, self.scale)  # (rows, out) bf16
             return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        # the rows scaled first: an int8 product scaled afterwards can pass fp16's 65504 where the model's never does
+        return F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         return self.weight[indices].float() * self.scale[indices, None].float()

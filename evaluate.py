@@ -47,9 +47,18 @@ def print_metrics(split: Split, predictions: list[int], label_names: list[str], 
             print(f"{name:<{width}}" + "".join(f"{count:>{width}}" for count in row))
 
 
-def write_predictions(path: str, predictions: list[int], sentences: list[str]) -> None:
-    """The assignment's format: one `<label> ||| <sentence>` line per input, in input order."""
-    write_text_atomic(path, "".join(f"{p} ||| {s}\n" for p, s in zip(predictions, sentences)))
+def line_by_line(split: Split, rows: list[str]) -> str:
+    """rows (one per example) as the lines of a file that follows the split's file line by line: a blank line
+    where it has one."""
+    lines = [""] * (split.n_lines if split.n_lines is not None else len(rows))
+    for line, row in zip(split.lines or range(1, len(rows) + 1), rows):
+        lines[line - 1] = row
+    return "".join(line + "\n" for line in lines)
+
+
+def write_predictions(path: str, predictions: list[int], split: Split) -> None:
+    """The assignment's format: a `<label> ||| <sentence>` line per input line, in input order."""
+    write_text_atomic(path, line_by_line(split, [f"{p} ||| {s}" for p, s in zip(predictions, split.sentences)]))
     print(f"wrote {len(predictions)} predictions to {path}")
 
 
@@ -59,4 +68,4 @@ def report(model: torch.nn.Module, split: Split, label_names: list[str], batch_s
     predictions = predict(model, split, batch_size, pad_id, runtime).argmax(dim=-1).tolist()
     print_metrics(split, predictions, label_names, confusion=split.name == "dev")
     if outfile and runtime.is_main:
-        write_predictions(outfile, predictions, split.sentences)
+        write_predictions(outfile, predictions, split)

@@ -16,14 +16,27 @@ random-number states for --resume; about three times the checkpoint's size, safe
 curves <stem>.metrics.jsonl and <stem>.png. --resume continues a run: only --epochs and the output and device
 flags may change; the data, model and training flags must be the same (a differing one is named).
 """
+import os
+import signal
+import sys
+
+
+def stop_while_starting(signum: int, frame: object) -> None:
+    print(f"\nerror: stopped by {signal.Signals(signum).name} before the run began; nothing was written",
+          file=sys.stderr)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch still imports: one line and status 130/143, not a traceback
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, stop_while_starting)
+
+# The imports below take seconds, covered by the handlers above.
 import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import shlex
-import signal
-import sys
 import time
 from typing import Any, Optional
 
@@ -32,16 +45,16 @@ import torch
 from checkpoint import (CHECKPOINT_FORMAT, check_run_files, describe_run, load_base_model, load_classifier,
                         load_trainable, read_saved, weights_fingerprint)
 from classifier import build_classifier, zero_shot_classifier
-from data import Split, check_labels, load_split, read_label_names, read_labeled_data, tokenize, warn_if_labels_unused
+from data import Split, load_split, read_label_names, warn_if_labels_unused
 from decoding import prepare_for_decoding, timed_generation, weight_megabytes
-from evaluate import predict, print_metrics, report, write_predictions
+from evaluate import line_by_line, predict, print_metrics, report, write_predictions
 from lora import ALL_TARGETS, ATTENTION_TARGETS, DEFAULT_TARGETS, merge_lora
 from runtime import DTYPES, Interrupted, Runtime, seed_everything, signals_interrupt, start_runtime
 from settings import (DEFAULT_MODEL, ClassifySettings, DataSettings, GenerationRun, GenerationSettings, LoRASettings,
                       ModelFiles, RunFiles, Settings, TrainingSettings)
 from tokenizer import TOKENIZER_MODEL
 from train import fit
-from utils import UsageError, check_outputs, write_text_atomic
+from utils import UsageError, check_outputs, held_outputs, write_text_atomic
 
 ASSIGNMENT_PREFIX = ("I have wanted to see this thriller for a while, and it didn't disappoint. "
                      "Keanu Reeves, playing the hero John Wick, is")
@@ -167,24 +180,29 @@ def get_args(argv: Optional[list[str]] = None) -> Settings:
     if args.option == "classify":
         return classify_settings(args)
     model = ModelFiles(args.pretrained_model_path or DEFAULT_MODEL, args.tokenizer or TOKENIZER_MODEL)
-    settings = Settings(args.option, args.use_gpu, args.dtype or "fp32", args.seed, model)
     inputs = [("--pretrained-model-path", model.model), ("--tokenizer", model.tokenizer)]
     if args.option == "generate":
-        generation = GenerationSettings(args.prompt or ASSIGNMENT_PREFIX, args.max_new_tokens, args.top_k, args.top_p,
-                                        args.quantize, generation_runs(args))
-        check_outputs([(run.flag, run.output) for run in generation.runs], inputs)
+        prompt = ASSIGNMENT_PREFIX if args.prompt is None else args.prompt
+        generation = GenerationSettings(prompt, args.max_new_tokens, args.top_k, args.top_p, args.quantize,
+                                        generation_runs(args))
+        outputs = [(run.flag, run.output) for run in generation.runs]
+    else:
+        data = data_settings(args)
+        outputs = [("--dev_out", data.dev_out), ("--test_out", data.test_out)]
+        inputs += [(flag, getattr(data, flag[2:].replace("-", "_"))) for flag in CFIMDB]
+    if args.option in ("finetune", "lora"):
+        files = RunFiles.beside(args.filepath or f"{dataset_name(data.dev)}-{args.option}-{args.lr}.pt")
+        lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets) \
+            if args.option == "lora" else None
+        training = TrainingSettings(args.option, args.epochs, args.lr, args.hidden_dropout_prob, lora, files,
+                                    args.resume, args.overwrite)
+        outputs += files.outputs()
+    check_outputs(outputs, inputs)
+    settings = Settings(args.option, args.use_gpu, args.dtype or "fp32", args.seed, model, tuple(outputs))
+    if args.option == "generate":
         return dataclasses.replace(settings, generation=generation)
-    data = data_settings(args)
-    outputs = [("--dev_out", data.dev_out), ("--test_out", data.test_out)]
-    inputs += [(flag, getattr(data, flag[2:].replace("-", "_"))) for flag in CFIMDB]
     if args.option == "prompt":
-        check_outputs(outputs, inputs)
         return dataclasses.replace(settings, data=data)
-    files = RunFiles.beside(args.filepath or f"{dataset_name(data.dev)}-{args.option}-{args.lr}.pt")
-    lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets) if args.option == "lora" else None
-    training = TrainingSettings(args.option, args.epochs, args.lr, args.hidden_dropout_prob, lora, files, args.resume,
-                                args.overwrite)
-    check_outputs(outputs + files.outputs(), inputs)
     return dataclasses.replace(settings, data=data, training=training)
 
 
@@ -264,15 +282,19 @@ def classify_settings(args: argparse.Namespace) -> Settings:
     if not args.filepath or not args.input:
         raise UsageError("--option classify needs --filepath CHECKPOINT (from finetune or lora) and --input FILE "
                          "(- for standard input)")
-    check_outputs([("--output", args.output)] if args.output and args.output != "-" else [],
-                  [("--filepath", args.filepath), ("--input", args.input),
-                   ("--pretrained-model-path", args.pretrained_model_path), ("--tokenizer", args.tokenizer)])
+    outputs = [("--output", args.output)] if args.output and args.output != "-" else []
+    check_outputs(outputs, [("--filepath", args.filepath), ("--input", args.input),
+                            ("--pretrained-model-path", args.pretrained_model_path), ("--tokenizer", args.tokenizer)])
     saved = read_saved(args.filepath, "--filepath", CHECKPOINT_FORMAT)
     classify = ClassifySettings(args.filepath, saved, args.input, args.output, args.pretrained_model_path,
                                 args.tokenizer, args.batch_size or saved["training"]["--batch_size"],
                                 args.max_sentence_len or saved["max_sentence_len"])
-    return Settings("classify", args.use_gpu, args.dtype or saved["training"]["--dtype"], args.seed, None,
-                    classify=classify)
+    dtype = args.dtype or saved["training"]["--dtype"]
+    if dtype == "fp16" and not args.dtype and not args.use_gpu:
+        print(f"note: --filepath {args.filepath} was trained with --dtype fp16, which needs a GPU; classifying in "
+              f"fp32 on the CPU", file=sys.stderr)
+        dtype = "fp32"
+    return Settings("classify", args.use_gpu, dtype, args.seed, None, tuple(outputs), classify=classify)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,27 +383,25 @@ def train(settings: Settings, runtime: Runtime) -> None:
 
 def classify(settings: Settings, runtime: Runtime) -> None:
     """Label --input with the --filepath checkpoint, rebuilt from its base model and tokenizer. Results go to
-    --output, or as '<label name>\\t<probability>\\t<sentence>' lines to stdout (and the log to stderr)."""
+    --output, or as '<label name>\t<probability>\t<sentence>' lines to stdout (and the log to stderr); either
+    way one line per input line, blank where the input line is blank."""
     classify, results = settings.classify, sys.stdout
     to_file = classify.output and classify.output != "-"
     with contextlib.redirect_stdout(sys.stdout if to_file else sys.stderr):
         model, tokenizer = load_classifier(classify, runtime.device)
         label_names = classify.saved["label_names"]
-        examples = read_labeled_data(classify.input, "--input", labels_optional=True)
-        labeled = examples[0][0] is not None
-        if labeled:
-            check_labels(examples, len(label_names), "--input", classify.input)
-        token_ids, _ = tokenize(examples, tokenizer, model.llama.config.max_seq_len, classify.max_sentence_len)
-        split = Split("input", [label for label, _ in examples], [s for _, s in examples], token_ids)
+        split = load_split("input", classify.input, len(label_names), tokenizer, model.llama.config.max_seq_len,
+                           classify.max_sentence_len, labels_optional=True)
         probs = predict(model, split, classify.batch_size, tokenizer.pad_id, runtime).exp()
         predictions = probs.argmax(dim=-1).tolist()
-        if labeled:
+        if split.labels[0] is not None:
             print_metrics(split, predictions, label_names, confusion=True)
         if to_file:
-            write_predictions(classify.output, predictions, split.sentences)
+            write_predictions(classify.output, predictions, split)
             return
-    for p, row, sentence in zip(predictions, probs, split.sentences):
-        results.write(f"{label_names[p]}\t{row[p].item():.4f}\t{sentence}\n")
+    rows = [f"{label_names[p]}\t{row[p].item():.4f}\t{sentence}"
+            for p, row, sentence in zip(predictions, probs, split.sentences)]
+    results.write(line_by_line(split, rows))
 
 
 OPTIONS = {"generate": generate, "prompt": prompt, "finetune": train, "lora": train, "classify": classify}
@@ -391,6 +411,8 @@ OPTIONS = {"generate": generate, "prompt": prompt, "finetune": train, "lora": tr
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # a captured log (2>&1) keeps stdout and stderr in order
     start = time.perf_counter()
     runtime = None
     try:
@@ -400,7 +422,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not runtime.is_main:
                 sys.stdout = open(os.devnull, "w")  # one log: rank 0's
             seed_everything(settings.seed + runtime.rank)  # own dropout masks; shared batches come from --seed
-            OPTIONS[settings.option](settings, runtime)
+            with held_outputs(list(settings.outputs) if runtime.is_main else []):  # rank 0 alone writes
+                OPTIONS[settings.option](settings, runtime)
             if settings.option in MODE_NAMES:
                 print(f"wall time {time.perf_counter() - start:.0f} s")
     except UsageError as e:
@@ -408,7 +431,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except Interrupted as stop:
         if runtime is None or runtime.is_main:
-            resume = shlex.join(["python", "run_llama.py", *argv] + ([] if "--resume" in argv else ["--resume"]))
+            resume = shlex.join([sys.executable, os.path.relpath(os.path.abspath(__file__)), *argv]
+                                + ([] if "--resume" in argv else ["--resume"]))
             print(f"\nerror: stopped by {stop}; {stop.progress}" + (f"; to continue: {resume}" if stop.resumable
                                                                      else ""), file=sys.stderr)
         return stop.status
@@ -422,4 +446,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)  # the run is over and its status settled
+    sys.exit(status)

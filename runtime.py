@@ -79,8 +79,9 @@ class Runtime:
         return total.item()
 
     def progress(self, iterable: Iterable, desc: str, **kwargs: Any) -> tqdm:
-        """A progress bar on rank 0 only; TQDM_DISABLE=1 silences it there too."""
-        if not self.is_main:
+        """A progress bar on rank 0's terminal only (in a captured log a bar would share lines with the results);
+        TQDM_DISABLE=1 silences it there too."""
+        if not self.is_main or not sys.stderr.isatty():
             kwargs["disable"] = True
         return tqdm(iterable, desc=desc, **kwargs)
 

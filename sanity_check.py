@@ -6,8 +6,10 @@ sequences although both start with token 101, which causal attention cannot prod
 llama2.c trains and transformers computes, and as a key/value cache requires), so this check runs the model
 in its explicit non-causal compatibility mode, causal=False, and says so. Nothing else uses that mode.
 """
+import argparse
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -21,7 +23,9 @@ SENT_IDS = torch.tensor([[101, 7592, 2088, 102, 0, 0, 0, 0],
                          [101, 7592, 15756, 2897, 2005, 17953, 2361, 102]])
 
 
-def main() -> int:
+def main(argv: Optional[list[str]] = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            usage="python sanity_check.py  (from the repo root, after ./setup.sh)").parse_args(argv)
     for path in (CHECKPOINT, REFERENCE):
         if not os.path.isfile(path):
             print(f"sanity_check: {path} is missing; run ./setup.sh (it downloads {CHECKPOINT}, 167 MB, "

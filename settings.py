@@ -106,6 +106,7 @@ class Settings:
     dtype: str  # fp32, bf16 or fp16 autocast
     seed: int
     model: Optional[ModelFiles]  # None for classify: the checkpoint names its own
+    outputs: tuple[tuple[str, str], ...]  # (flag, path) of every file the run writes
     generation: Optional[GenerationSettings] = None
     data: Optional[DataSettings] = None
     training: Optional[TrainingSettings] = None

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,10 @@ from evaluate import metrics, predict
 from optimizer import AdamW
 from runtime import Interrupted, Runtime
 from settings import Settings
-from utils import UsageError, atomic_write, save_atomic, write_text_atomic
+from utils import UsageError, atomic_write, save_atomic, signals_deferred, write_text_atomic
+
+if TYPE_CHECKING:  # matplotlib is optional
+    from matplotlib.figure import Figure
 
 
 @dataclasses.dataclass
@@ -94,9 +97,16 @@ class Training:
 
     def end_epoch(self, epoch: int, dev: Split, pad_id: int, train_loss: float, n_seen: int, start: float,
                   train_seconds: float) -> None:
-        """Evaluate dev, then save: the checkpoint if dev improved, the state, the metrics."""
+        """Evaluate dev, then report and save: the checkpoint if dev improved, the state, the metrics. Reporting
+        and saving are one unit that Ctrl-C or SIGTERM cannot split: a signal that arrives during it takes
+        effect once the state covers this epoch."""
         predictions = predict(self.model, dev, self.settings.data.batch_size, pad_id, self.runtime).argmax(-1).tolist()
-        dev_acc, dev_f1 = metrics(dev.labels, predictions)
+        with signals_deferred():
+            self._save_epoch(epoch, metrics(dev.labels, predictions), train_loss, n_seen, start, train_seconds)
+
+    def _save_epoch(self, epoch: int, dev_metrics: tuple[float, float], train_loss: float, n_seen: int, start: float,
+                    train_seconds: float) -> None:
+        dev_acc, dev_f1 = dev_metrics
         mean_loss = train_loss / max(n_seen, 1)
         print(f"epoch {epoch}: train loss :: {mean_loss:.3f}, dev acc :: {dev_acc:.3f}, "
               f"{time.perf_counter() - start:.0f} s")
@@ -138,6 +148,8 @@ def fit(model: torch.nn.Module, train: Split, dev: Split, settings: Settings, pa
         if training.progress.last_epoch >= 0:
             stop.progress = f"epochs up to {training.progress.last_epoch} are saved in {training.files.state}"
             stop.resumable = True
+        else:
+            stop.progress = "no epoch had finished, so nothing was saved; the same command starts again"
         raise
     history = training.progress.history
     if training.progress.best_epoch is None and runtime.is_main:  # zero epochs: the untrained model is the best
@@ -157,6 +169,15 @@ def plot_curves(history: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = draw_curves(history, title)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def draw_curves(history: list[dict], title: str) -> "Figure":
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [entry["epoch"] for entry in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
     loss_ax.plot(epochs, [entry["train_loss"] for entry in history], marker="o")
@@ -165,7 +186,9 @@ def plot_curves(history: list[dict], path: str, title: str) -> None:
     acc_ax.plot(epochs, [entry["dev_f1"] for entry in history], marker="o", label="macro-F1")
     acc_ax.set(xlabel="epoch", ylabel="dev")
     acc_ax.legend()
+    for ax in (loss_ax, acc_ax):  # epochs as the log numbers them, a unit of room on each side
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
     fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    return fig

@@ -1,9 +1,16 @@
 """The bottom layer, importable from anywhere: the user-facing error type, and files handled safely (checks of
-output paths before any work, atomic writes, loads that run no code, hashes)."""
+output paths before any work, locks that keep two runs off one file, atomic writes that a signal cannot cut,
+loads that run no code, hashes)."""
+import fcntl
 import hashlib
 import os
+import signal
+import socket
+import stat
 import tempfile
-from typing import Any, BinaryIO, Callable
+import threading
+from contextlib import ExitStack, contextmanager
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
@@ -18,33 +25,78 @@ def require_file(flag: str, path: str, fix: str) -> None:
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a folder, not a file; {fix}")
     if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: no such file; {fix}")
+        where = "" if os.path.isabs(path) else f" (looked in {os.getcwd()})"
+        raise UsageError(f"{flag} {path}: no such file{where}; {fix}")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{flag} {path}: not readable (permissions); fix its permissions or pass another file")
 
 
 def check_outputs(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]]) -> None:
     """Before any work: every output (flag, path) can be written, is not a folder, is no input of the run
-    and is not another output of it; otherwise a UsageError naming the flags."""
+    and is not another output of it; otherwise a UsageError naming the flags. A link is judged by its target,
+    which is what gets written."""
     seen: dict[str, str] = {}  # resolved path -> the flag that names it
     for flag, path in inputs:
         if path and path != "-":
             seen.setdefault(os.path.realpath(path), flag)
     input_paths = set(seen)
     for flag, path in outputs:
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path):
+        real = os.path.realpath(path)
+        folder = os.path.dirname(real)
+        if os.path.isdir(real):
             raise UsageError(f"{flag} {path}: is a folder; name a file, e.g. {os.path.join(path, 'out.txt')}")
         if not os.path.isdir(folder):
             raise UsageError(f"{flag} {path}: folder {folder} does not exist; create it or pick another path")
         if not os.access(folder, os.W_OK):
             raise UsageError(f"{flag} {path}: folder {folder} is not writable; pick another path")
-        real = os.path.realpath(path)
+        # os.access says yes to root for any file: the mode bits say what its owner meant
+        if os.path.exists(real) and not (os.access(real, os.W_OK) and os.stat(real).st_mode & stat.S_IWUSR):
+            raise UsageError(f"{flag} {path}: the file is read-only; make it writable (chmod u+w) or pick another "
+                             f"path")
         if real in seen:
             what = "an input" if real in input_paths else "another output"
             raise UsageError(f"{flag} {path}: is also {seen[real]}, {what} of this run, and would be overwritten; "
                              f"pick another path")
         seen[real] = flag
+
+
+@contextmanager
+def held_outputs(outputs: list[tuple[str, str]]) -> Iterator[None]:
+    """Within the block, this process holds its outputs (flag, path): another process that asks for any of them
+    stops with a UsageError naming the file and the process that holds it. The locks are advisory (flock on a
+    hidden .lock file beside each output), so the OS releases them when a process dies, even by SIGKILL."""
+    with ExitStack() as stack:
+        for flag, path in sorted(dict(outputs).items(), key=lambda item: item[1]):
+            real = os.path.realpath(path)
+            lock = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.lock")
+            stack.enter_context(_locked(lock, f"{flag} {path}"))
+        yield
+
+
+@contextmanager
+def _locked(lock: str, what: str) -> Iterator[None]:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(f"{what}: in use by a run that is still going ({holder}); wait for it to end, or "
+                             f"pick another path") from None
+        try:
+            if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break  # not a file that its last holder removed while we waited for it
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.unlink(lock)  # while still held: the next run makes a new file
+        os.close(fd)
 
 
 def file_sha256(path: str) -> str:
@@ -55,29 +107,64 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`: an
-    interrupted run, or a full disk, leaves the old file or none, never half of one. A failed write is a
-    UsageError naming the file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM are held, and delivered again, to whatever handles them, when the
+    block ends: a write (or a set of writes) that a signal must not cut in half. Main thread only, like every
+    signal handler; elsewhere the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with open(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
-        os.replace(tmp_path, path)
-    except BaseException as e:
-        os.unlink(tmp_path)
-        # torch.save reports a failed write as a RuntimeError around the OSError
-        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__ if isinstance(e, RuntimeError) else None
-        if isinstance(cause, OSError):
-            raise UsageError(f"could not write {path}: {cause.strerror}; free some space or pick another path "
-                             f"(the previous file, if any, is unchanged)") from e
-        raise
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path` and flush the
+    folder: an interrupted run, a full disk or a power loss leaves the old file or the new one, never half of
+    one. Ctrl-C or SIGTERM during it take effect when it is done. A link is written through: its target gets the
+    new content, the link stays; an existing file keeps its permissions. A failed write is a UsageError naming
+    the file."""
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    with signals_deferred():
+        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
+        try:
+            with open(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp_path, _mode_for(target))  # mkstemp makes files private
+            os.replace(tmp_path, target)
+        except BaseException as e:
+            os.unlink(tmp_path)
+            # torch.save reports a failed write as a RuntimeError around the OSError
+            cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__ if isinstance(e, RuntimeError) else None
+            if isinstance(cause, OSError):
+                raise UsageError(f"could not write {path}: {cause.strerror}; free some space or pick another path "
+                                 f"(the previous file, if any, is unchanged)") from e
+            raise
+        folder_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(folder_fd)  # the rename itself, on disk
+        finally:
+            os.close(folder_fd)
+
+
+def _mode_for(path: str) -> int:
+    """The permissions of the file at path, or the usual ones for a new file (0666 less the umask)."""
+    if os.path.exists(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -18,9 +18,9 @@ LABELS = ["awful", "bad", "average", "good", "excellent"]
 
 
 def sst_split(tokenizer, suffix, n=60) -> Split:
-    examples = read_labeled_data(asset("data/sst-dev.txt"), "--dev")[:n]
-    ids = [[tokenizer.bos_id] + tokenizer.encode(s, bos=False, eos=False) + suffix for _, s in examples]
-    return Split("dev", [l for l, _ in examples], [s for _, s in examples], ids)
+    examples = read_labeled_data(asset("data/sst-dev.txt"), "--dev")[0][:n]
+    ids = [[tokenizer.bos_id] + tokenizer.encode(e.sentence, bos=False, eos=False) + suffix for e in examples]
+    return Split("dev", [e.label for e in examples], [e.sentence for e in examples], ids)
 
 
 def test_zero_shot_scores_are_the_label_sequence_log_probability():

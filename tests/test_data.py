@@ -4,7 +4,7 @@ import torch
 
 from conftest import TOK512, asset
 from classifier import prompt_suffix_text
-from data import make_batches, pad_batch, read_label_names, read_labeled_data, shard, tokenize
+from data import Example, make_batches, pad_batch, read_label_names, read_labeled_data, shard, tokenize
 from tokenizer import Tokenizer
 from utils import UsageError
 
@@ -14,10 +14,10 @@ LABELS = ["awful", "bad", "average", "good", "excellent"]
 def test_labeled_and_bare_lines_are_read_but_never_mixed(tmp_path):
     labeled = tmp_path / "labeled.txt"
     labeled.write_bytes(b"\xef\xbb\xbf1 ||| fine film \r\n\n0 ||| dull\n")
-    assert read_labeled_data(str(labeled), "--dev") == [(1, "fine film"), (0, "dull")]
+    assert read_labeled_data(str(labeled), "--dev") == ([(1, 1, "fine film"), (3, 0, "dull")], 3)
     bare = tmp_path / "bare.txt"
     bare.write_text("a film\nanother one\n")
-    assert read_labeled_data(str(bare), "--input", labels_optional=True) == [(None, "a film"), (None, "another one")]
+    assert read_labeled_data(str(bare), "--input", labels_optional=True) == ([(1, None, "a film"), (2, None, "another one")], 2)
     with pytest.raises(UsageError, match="line 1: no ' \\|\\|\\| ' separator"):
         read_labeled_data(str(bare), "--dev")
     mixed = tmp_path / "mixed.txt"
@@ -41,20 +41,20 @@ def test_max_sentence_len_cuts_only_the_sentence():
     suffix = tokenizer.encode(prompt_suffix_text(LABELS), bos=False, eos=False)
     sentence = "a long and winding sentence about a film"
     body = tokenizer.encode(sentence, bos=False, eos=False)
-    ids, n_cut = tokenize([(0, sentence)], tokenizer, 512, max_sentence_len=2, prompt_suffix=suffix)
+    ids, n_cut = tokenize([Example(1, 0, sentence)], tokenizer, 512, max_sentence_len=2, prompt_suffix=suffix)
     assert ids == [[tokenizer.bos_id] + body[:2] + suffix] and n_cut == 0
-    ids, _ = tokenize([(0, sentence)], tokenizer, 512, max_sentence_len=3)
+    ids, _ = tokenize([Example(1, 0, sentence)], tokenizer, 512, max_sentence_len=3)
     assert ids == [[tokenizer.bos_id] + body[:3] + [tokenizer.eos_id]]
 
 
 def test_the_window_cuts_the_sentence_and_keeps_the_prompt_and_label_room():
     tokenizer = Tokenizer(tokenizer_model=asset(TOK512))
     suffix = [7, 8, 9]
-    ids, n_cut = tokenize([(0, "word " * 50), (1, "short")], tokenizer, 20, prompt_suffix=suffix, label_room=2)
+    ids, n_cut = tokenize([Example(1, 0, "word " * 50), Example(2, 1, "short")], tokenizer, 20, prompt_suffix=suffix, label_room=2)
     assert n_cut == 1
     assert len(ids[0]) == 20 - 2 and ids[0][-3:] == suffix and ids[0][0] == tokenizer.bos_id
     with pytest.raises(UsageError, match="max_seq_len 20"):
-        tokenize([(0, "x")], tokenizer, 20, prompt_suffix=list(range(17)), label_room=2)
+        tokenize([Example(1, 0, "x")], tokenizer, 20, prompt_suffix=list(range(17)), label_room=2)
 
 
 def test_evaluation_batches_cover_every_example_once_sorted_by_length():

@@ -119,7 +119,6 @@ CASES = [
     ("unknown lora target", lambda d, a: a.set("--lora_targets", "wq,query"), ["--lora_targets", "'query'"]),
     ("no gpu", lambda d, a: a.add("--use_gpu"), ["--use_gpu"]),
     ("output folder missing", lambda d, a: a.set("--dev_out", "no/such/dir/out.txt"), ["--dev_out", "does not exist"]),
-    ("resume without state", lambda d, a: a.add("--resume"), ["--resume", "model.pt.state"]),
     # hostile or damaged files
     ("checkpoint model_args huge", lambda d, a: a.set("--pretrained-model-path", pt_with_huge_model_args(d)), ["huge.pt", "plausible"]),
     ("checkpoint holds non-tensors", lambda d, a: a.set("--pretrained-model-path", pt_with_non_tensors(d)), ["odd.pt", "tensors"]),

@@ -47,5 +47,8 @@ def test_a_split_of_one_label_value_says_its_accuracy_may_mean_nothing(capsys):
 
 def test_prediction_files_have_one_label_line_per_input(tmp_path):
     path = tmp_path / "out.txt"
-    write_predictions(str(path), [2, 0], ["A fine film .", "Dull ."])
+    write_predictions(str(path), [2, 0], Split("dev", [1, 0], ["A fine film .", "Dull ."], [[1], [1]]))
     assert path.read_text(encoding="utf-8") == "2 ||| A fine film .\n0 ||| Dull .\n"
+    with_blanks = Split("input", [None, None], ["A fine film .", "Dull ."], [[1], [1]], lines=[2, 3], n_lines=5)
+    write_predictions(str(path), [2, 0], with_blanks)
+    assert path.read_text(encoding="utf-8") == "\n2 ||| A fine film .\n0 ||| Dull .\n\n\n"

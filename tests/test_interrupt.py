@@ -79,7 +79,8 @@ def test_a_signal_ends_with_one_line_naming_the_saved_epochs_and_the_resume_comm
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: stopped by {signal.Signals(signum).name}; epochs up to 0 are saved in "
-                           f"model.pt.state; to continue: python run_llama.py "), last
+                           f"model.pt.state; to continue: {shlex.quote(sys.executable)} "), last  # the interpreter that ran it
+    assert shlex.split(last.split("to continue: ")[1])[1] == os.path.relpath(os.path.join(ROOT, "run_llama.py"), tmp_path)
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
     assert not (tmp_path / "dev-dev-lora-output.txt").exists()
     resume = shlex.split(last.split("to continue: ")[1])[2:]

@@ -1,5 +1,6 @@
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -35,10 +36,13 @@ def test_one_process_sums_and_gathers_its_own_values():
     assert one.is_main and one.sum(2.5) == 2.5 and one.gather({"a": 1}) == [{"a": 1}]
 
 
-def test_progress_bars_show_on_rank_zero_only(monkeypatch):
+def test_progress_bars_show_on_rank_zero_s_terminal_only(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert not Runtime(torch.device("cpu"), rank=0, world_size=2).progress(range(3), "x").disable
     assert Runtime(torch.device("cpu"), rank=1, world_size=2).progress(range(3), "x").disable
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # a log: 2>&1 | tee run.log
+    assert Runtime(torch.device("cpu"), rank=0, world_size=2).progress(range(3), "x").disable
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -28,7 +28,8 @@ def settings_for(folder, epochs: int, lora: LoRASettings = None) -> Settings:
                         batch_size=8, max_sentence_len=None)
     training = TrainingSettings("lora" if lora else "finetune", epochs, 1e-2, 0.0, lora,
                                 RunFiles.beside(str(folder / "model.pt")), resume=False, overwrite=False)
-    return Settings(training.option, False, "fp32", 0, None, data=data, training=training)
+    return Settings(training.option, False, "fp32", 0, None, tuple(training.files.outputs()), data=data,
+                    training=training)
 
 
 def train_tiny(folder, epochs, lora=None):

@@ -40,9 +40,12 @@ def test_outputs_are_checked_before_any_work(tmp_path):
             check_outputs(outputs, [("--dev", str(data))])
 
 
-def test_require_file_names_the_flag_and_the_fix(tmp_path):
-    with pytest.raises(UsageError, match="--dev nope.txt: no such file; run it"):
+def test_require_file_names_the_flag_the_folder_searched_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=f"--dev nope.txt: no such file \\(looked in {tmp_path}\\); run it"):
         require_file("--dev", "nope.txt", "run it")
+    with pytest.raises(UsageError, match=f"--dev {tmp_path}/nope.txt: no such file; run it"):
+        require_file("--dev", str(tmp_path / "nope.txt"), "run it")
     with pytest.raises(UsageError, match="is a folder"):
         require_file("--dev", str(tmp_path), "run it")
 
