@@ -9,12 +9,9 @@
 
 Flags and output files follow the CS11-711 minllama assignment; every flag is accepted with hyphens or
 underscores. Bad input ends with one line on stderr and exit status 2 (see utils.UsageError); Ctrl-C or SIGTERM
-end with one line saying what was saved, and status 130 or 143.
-
-Training writes the best-dev checkpoint to --filepath, <filepath>.state after every epoch (optimizer and
-random-number states for --resume; about three times the checkpoint's size, safe to delete when done), and the
-curves <stem>.metrics.jsonl and <stem>.png. --resume continues a run: only --epochs and the output and device
-flags may change; the data, model and training flags must be the same (a differing one is named).
+end with one line saying what was saved, and status 130 or 143. Training writes the best-dev checkpoint to
+--filepath, <filepath>.state after every epoch for --resume (safe to delete when done), and the curves
+<stem>.metrics.jsonl and <stem>.png.
 """
 import os
 import signal
@@ -157,7 +154,8 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
                      help="best-dev checkpoint (default: <dataset>-<option>-<lr>.pt); training also writes "
                           "<filepath>.state for --resume, <stem>.metrics.jsonl and <stem>.png")
     cls.add_argument("--resume", action="store_true",
-                     help="continue training from <filepath>.state; only --epochs and output/device flags may change")
+                     help="continue training from <filepath>.state (none yet: start at epoch 0); only --epochs and "
+                          "output/device flags may change")
     cls.add_argument("--overwrite", action="store_true",
                      help="replace a --filepath checkpoint that another run (other data or flags) made")
     cls.add_argument("--lora_rank", type=int, default=4, help="rank of each LoRA update")
@@ -196,7 +194,7 @@ def get_args(argv: Optional[list[str]] = None) -> Settings:
             if args.option == "lora" else None
         training = TrainingSettings(args.option, args.epochs, args.lr, args.hidden_dropout_prob, lora, files,
                                     args.resume, args.overwrite)
-        outputs += files.outputs()
+        outputs = files.outputs() + outputs  # the checkpoint first: the file that a clash names
     check_outputs(outputs, inputs)
     settings = Settings(args.option, args.use_gpu, args.dtype or "fp32", args.seed, model, tuple(outputs))
     if args.option == "generate":

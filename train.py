@@ -187,7 +187,7 @@ def draw_curves(history: list[dict], title: str) -> "Figure":
     acc_ax.set(xlabel="epoch", ylabel="dev")
     acc_ax.legend()
     for ax in (loss_ax, acc_ax):  # epochs as the log numbers them, a unit of room on each side
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
     fig.suptitle(title)
     fig.tight_layout()

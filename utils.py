@@ -66,7 +66,7 @@ def held_outputs(outputs: list[tuple[str, str]]) -> Iterator[None]:
     stops with a UsageError naming the file and the process that holds it. The locks are advisory (flock on a
     hidden .lock file beside each output), so the OS releases them when a process dies, even by SIGKILL."""
     with ExitStack() as stack:
-        for flag, path in sorted(dict(outputs).items(), key=lambda item: item[1]):
+        for flag, path in outputs:  # none waits for a lock, so no order can deadlock
             real = os.path.realpath(path)
             lock = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.lock")
             stack.enter_context(_locked(lock, f"{flag} {path}"))

@@ -135,3 +135,11 @@ def test_zero_shot_labels_that_tokenize_alike_are_refused():
 
     with pytest.raises(UsageError, match="labels.json: 'good' and 'Good' are the same tokens"):
         zero_shot_classifier(llama, CaseBlind(), ["good", "Good"], "labels.json")
+
+
+def test_a_lora_rank_beyond_a_matrix_s_side_is_warned_about(capsys):
+    llama = load_pretrained(asset(STORIES260K))  # wq is 64 x 64, wk is 32 x 64
+    build_classifier(llama, 3, 0.0, LoRASettings(rank=40, alpha=1.0, dropout=0.0, targets=("wq", "wk")))
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: --lora_rank 40 exceeds wk's smaller side (32 x 64): its adapter is 1.9x the size of the "
+                   "matrix it adapts"]

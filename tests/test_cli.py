@@ -2,8 +2,11 @@
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -324,3 +327,88 @@ def test_max_sentence_len_never_cuts_a_generation_prompt(tmp_path):
     run(["--option", "generate", *model_flags(), "--prompt", "Once upon a time there was a big dog", "--temperature",
          "0", "--max_new_tokens", "3", "--max_sentence_len", "2"], tmp_path)
     assert (tmp_path / "generated-sentence-temp-0.txt").read_text().startswith("Once upon a time there was a big dog")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# outputs that follow the input line by line
+
+def test_classify_writes_one_line_per_input_line(trained, tmp_path, capsys):
+    # a blank line, a line with a lone \r inside, a very long line, and Windows line endings
+    long_review = "a long film about nothing " * 150
+    lines = ["A wonderful film.", "", "Dull\rand long.", long_review, "  ", "Fine."]
+    (tmp_path / "bare.txt").write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    checkpoint = str(trained["runs"]["lora"] / "model.pt")
+    run(["--option", "classify", "--filepath", checkpoint, "--input", "bare.txt", "--output", "out.txt"], tmp_path)
+    out = (tmp_path / "out.txt").read_bytes().decode("utf-8").split("\n")
+    assert len(out) == len(lines) + 1 and out[-1] == ""  # one line per input line, each ending with \n
+    assert [line == "" for line in out[:-1]] == [line.strip() == "" for line in lines]
+    assert out[2].endswith(" ||| Dull\rand long.")
+    assert "load 4 data from bare.txt (1 cut to fit 512 tokens; 2 blank lines skipped, left blank in the output)" \
+        in capsys.readouterr().out
+
+
+def test_blank_lines_of_training_data_are_skipped_with_a_note(tmp_path, sst_subset, capsys):
+    dev = sst_subset[sst_subset.index("--dev") + 1]
+    with open(dev, encoding="utf-8") as f:
+        dev_lines = f.read().splitlines()
+    with open(dev, "w", encoding="utf-8") as f:
+        f.write("\n".join(dev_lines[:3] + [""] + dev_lines[3:]) + "\n")
+    run(["--option", "prompt", *model_flags(), *sst_subset, "--batch_size", "20"], tmp_path)
+    assert f"load 40 data from {dev} (1 blank line skipped)" in capsys.readouterr().out
+    predictions = read_lines(tmp_path / "sst-dev-prompting-output.txt")
+    assert len(predictions) == 41 and predictions[3] == ""
+
+
+def test_classify_from_a_closed_standard_input_is_one_line(trained, tmp_path):
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'run_llama.py'))} "
+                            f"--option classify --filepath {shlex.quote(str(trained['runs']['lora'] / 'model.pt'))} "
+                            f"--input - <&-", shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: --input -: standard input is closed; pipe the "
+                                                      "sentences in, or pass a file")
+
+
+def test_an_empty_prompt_generates_from_the_start_token_alone(tmp_path):
+    run(["--option", "generate", *model_flags(), "--prompt", "", "--temperature", "0", "--max_new_tokens", "8"],
+        tmp_path)
+    from llama import load_pretrained
+    from tokenizer import Tokenizer
+
+    expected = load_pretrained(asset(STORIES260K)).generate(torch.tensor([[1]]), 8, temperature=0.0)
+    assert (tmp_path / "generated-sentence-temp-0.txt").read_text() == Tokenizer(asset(TOK512)).decode(
+        expected[0].tolist())
+
+
+def test_a_checkpoint_trained_in_fp16_classifies_on_a_cpu_in_fp32(trained, tmp_path, capsys):
+    saved = torch.load(trained["runs"]["lora"] / "model.pt", weights_only=True)
+    saved["training"]["--dtype"] = "fp16"  # as a GPU run writes it
+    for name in (STORIES260K, TOK512):
+        (tmp_path / name).write_bytes((trained["runs"]["lora"] / name).read_bytes())
+    torch.save(saved, tmp_path / "fp16.pt")
+    run(["--option", "classify", "--filepath", "fp16.pt", "--input", str(trained["dev"]), "--output", "p.txt"],
+        tmp_path)
+    assert "trained with --dtype fp16, which needs a GPU; classifying in fp32 on the CPU" in capsys.readouterr().err
+    expected = trained["runs"]["lora"] / "sst-dev-lora-output.txt"
+    assert (tmp_path / "p.txt").read_bytes() == expected.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# two runs, one --filepath
+
+def test_a_second_run_on_the_same_files_stops_at_once_and_a_killed_one_blocks_nothing(tmp_path, sst_subset, capsys):
+    args = ["--option", "lora", *model_flags(), *sst_subset, "--epochs", "2", "--batch_size", "8",
+            "--filepath", "model.pt"]
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_llama.py"), *args, "--lr", "2e-3"],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / ".model.pt.lock"
+    deadline = time.time() + 60
+    while not (lock.exists() and lock.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert status(args + ["--lr", "1e-3"], tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --filepath model.pt: in use by a run that is still going (process "
+                          f"{first.pid} on "), err
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert status(args[:-6] + ["--epochs", "0", "--filepath", "model.pt", "--overwrite"], tmp_path) == 0
+    assert not lock.exists()

@@ -26,6 +26,16 @@ def test_labeled_and_bare_lines_are_read_but_never_mixed(tmp_path):
         read_labeled_data(str(mixed), "--input", labels_optional=True)
 
 
+def test_an_empty_input_says_what_a_line_may_hold(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(UsageError, match="empty.txt: the file has no examples; each line must be a sentence or "
+                                         "'<label> \\|\\|\\| <sentence>'"):
+        read_labeled_data(str(empty), "--input", labels_optional=True)
+    with pytest.raises(UsageError, match="each line must be '<label> \\|\\|\\| <sentence>'$"):
+        read_labeled_data(str(empty), "--dev")
+
+
 def test_label_names_must_be_a_list_of_distinct_names(tmp_path):
     path = tmp_path / "labels.json"
     path.write_text('["bad", "good"]')

@@ -34,6 +34,16 @@ def test_int8_linear_is_the_product_with_its_dequantized_weight(in_features, row
     assert torch.allclose(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
+def test_the_fp16_fallback_cannot_overflow_where_the_float_product_does_not():
+    torch.manual_seed(0)
+    weight = torch.randn(8, 100) * 0.02  # 100 features: the dequantizing path
+    layer = Int8Linear(weight)
+    x = torch.full((1, 100), 40.0)  # sums of 100 x 40 x 127 would pass fp16's 65504 before scaling
+    out = layer(x.half())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), x @ weight.t(), rtol=2e-2, atol=0.2)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_the_transposed_layout_computes_what_the_model_computes(tied):
     torch.manual_seed(0)

@@ -105,7 +105,7 @@ CASES = [
     ("data empty", lambda d, a: a.set("--test", write(d, "e.txt", b"")), ["--test", "e.txt", "no examples"]),
     ("data without separator", lambda d, a: a.set("--dev", write(d, "s.txt", b"1 ||| ok\n0 - oops\n")), ["s.txt", "line 2", "|||"]),
     ("data label not integer", lambda d, a: a.set("--dev", write(d, "n.txt", b"pos ||| ok\n")), ["n.txt", "line 1", "'pos'"]),
-    ("data label out of range", lambda d, a: a.set("--test", write(d, "r.txt", b"0 ||| ok\n7 ||| no\n")), ["r.txt", "label 7"]),
+    ("data label out of range", lambda d, a: a.set("--test", write(d, "r.txt", b"0 ||| ok\n7 ||| no\n")), ["r.txt", "line 2", "label 7"]),
     ("data not utf-8", lambda d, a: a.set("--dev", write(d, "u.txt", b"1 ||| ok\n0 ||| caf\xe9\n")), ["u.txt", "line 2", "UTF-8"]),
     ("label mapping missing", lambda d, a: a.set("--label-names", "nope.json"), ["--label-names", "nope.json"]),
     ("label mapping not json", lambda d, a: a.set("--label-names", write(d, "l.json", b"[bad, good")), ["l.json", "JSON"]),

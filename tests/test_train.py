@@ -2,6 +2,7 @@
 import json
 import sys
 
+import pytest
 import torch
 
 from checkpoint import CHECKPOINT_FORMAT, STATE_FORMAT, read_saved
@@ -11,7 +12,7 @@ from data import Split
 from llama import Llama
 from runtime import Runtime
 from settings import DataSettings, LoRASettings, RunFiles, Settings, TrainingSettings
-from train import fit, plot_curves
+from train import draw_curves, fit, plot_curves
 
 
 def first_token_task(n: int, seed: int) -> Split:
@@ -63,8 +64,9 @@ def test_lora_checkpoints_hold_the_adapters_and_the_head_only(tmp_path):
     assert all(name.endswith(("lora_A", "lora_B")) or name.startswith("classifier_head.") for name in trainable)
 
 
-def test_zero_epochs_save_the_untrained_classifier_and_no_curves(tmp_path):
+def test_zero_epochs_save_the_untrained_classifier_and_no_curves(tmp_path, capsys):
     _, files = train_tiny(tmp_path, epochs=0)
+    assert f"saved the untrained classifier (no epoch ran) to {files.checkpoint}" in capsys.readouterr().out
     checkpoint = read_saved(files.checkpoint, "--filepath", CHECKPOINT_FORMAT)
     assert checkpoint["best_epoch"] is None and checkpoint["history"] == []
     assert not (tmp_path / "model.pt.state").exists() and not (tmp_path / "model.png").exists()
@@ -75,3 +77,14 @@ def test_without_matplotlib_the_curves_are_one_line_of_advice(tmp_path, monkeypa
     plot_curves([{"epoch": 0, "train_loss": 1.0, "dev_acc": 0.5, "dev_f1": 0.5}], str(tmp_path / "c.png"), "run")
     assert capsys.readouterr().out == f"note: pip install matplotlib (or ./setup.sh --test) to also get the curves in {tmp_path / 'c.png'}\n"
     assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("epochs", [[0], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
+def test_the_curves_have_whole_epochs_as_the_log_numbers_them(epochs):
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "dev_acc": 0.5, "dev_f1": 0.4} for e in epochs]
+    figure = draw_curves(history, "run")
+    for axes in figure.axes:
+        low, high = axes.get_xlim()
+        assert (low, high) == (epochs[0] - 0.5, epochs[-1] + 0.5)
+        ticks = [t for t in axes.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks)

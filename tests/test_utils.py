@@ -1,11 +1,16 @@
 import hashlib
 import os
+import re
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from utils import UsageError, atomic_write, check_outputs, file_sha256, load_tensors, require_file, write_text_atomic
+from utils import (UsageError, atomic_write, check_outputs, file_sha256, held_outputs, load_tensors, require_file,
+                   write_text_atomic)
 
 
 def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
@@ -69,3 +74,72 @@ def test_file_hash_is_sha256_of_the_bytes(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(3 << 20))  # more than one read block
     assert file_sha256(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_link_is_written_through_to_its_target_and_stays_a_link(tmp_path):
+    target, link = tmp_path / "real.txt", tmp_path / "link.txt"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    write_text_atomic(str(link), "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    assert sorted(os.listdir(tmp_path)) == ["link.txt", "real.txt"]
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_read_only_one_is_refused_first(tmp_path):
+    path = tmp_path / "private.txt"
+    path.write_text("old\n")
+    path.chmod(0o600)
+    write_text_atomic(str(path), "new\n")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and path.read_text() == "new\n"
+    path.chmod(0o444)
+    with pytest.raises(UsageError, match="--dev_out .*private.txt: the file is read-only"):
+        check_outputs([("--dev_out", str(path))], [])
+
+
+def test_the_rename_itself_is_flushed_to_disk(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
+    write_text_atomic(str(tmp_path / "out.txt"), "x\n")
+    assert synced == [False, True]  # the file's bytes, then the folder that holds its new name
+
+
+def test_a_signal_during_a_write_takes_effect_after_it(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old\n")
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(path.read_text()))
+    try:
+        atomic_write(str(path), lambda f: (os.kill(os.getpid(), signal.SIGINT), f.write(b"new\n")))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert interrupted == ["new\n"]  # delivered once the new file was in place, and only then
+
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from utils import held_outputs
+with held_outputs([("--filepath", sys.argv[1])]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_an_output_is_held_by_one_process_until_it_ends(tmp_path):
+    from conftest import ROOT
+
+    path = str(tmp_path / "model.pt")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=ROOT), path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UsageError, match=re.escape(f"--filepath {path}: in use by a run that is still going "
+                                                       f"(process {holder.pid} on ")):
+            with held_outputs([("--filepath", path)]):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with held_outputs([("--filepath", path)]):  # a killed holder blocks nothing
+        assert os.path.exists(tmp_path / ".model.pt.lock")
+    assert os.listdir(tmp_path) == []
