@@ -40,6 +40,9 @@ class Progress:
 
 
 class Training:
+    """One run of the loop: the model, what steps it (optimizer, gradient scaler, the batch order's generator)
+    and where it stands."""
+
     def __init__(self, model: torch.nn.Module, settings: Settings, described: dict, runtime: Runtime):
         self.model, self.settings, self.described, self.runtime = model, settings, described, runtime
         self.files = settings.training.files
