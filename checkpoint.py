@@ -143,7 +143,7 @@ def load_classifier(settings: ClassifySettings, device: torch.device) -> tuple[L
         raise UsageError(f"--pretrained-model-path {base}: its weights are not those of "
                          f"{saved['base_model']['path']}, the base model --filepath {path} was trained "
                          f"from; pass that model")
-    lora = LoRASettings(**{**saved["lora"], "targets": tuple(saved["lora"]["targets"])}) if saved["lora"] else None
+    lora = LoRASettings.from_record(saved["lora"]) if saved["lora"] else None
     model = build_classifier(llama, len(saved["label_names"]), saved["hidden_dropout_prob"], lora)
     load_trainable(model, saved["trainable"], path)
     merge_lora(model)

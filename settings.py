@@ -54,6 +54,10 @@ class LoRASettings:
         """As a checkpoint stores it (plain values: a list, not a tuple)."""
         return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=list(self.targets))
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "LoRASettings":
+        return cls(record["rank"], record["alpha"], record["dropout"], tuple(record["targets"]))
+
 
 @dataclass(frozen=True)
 class RunFiles:

@@ -9,6 +9,8 @@ def test_a_run_names_all_its_files_after_the_checkpoint():
 
 
 def test_lora_settings_are_recorded_as_plain_values():
-    record = LoRASettings(rank=4, alpha=1.0, dropout=0.0, targets=("wq", "wv")).as_record()
+    settings = LoRASettings(rank=4, alpha=1.0, dropout=0.0, targets=("wq", "wv"))
+    record = settings.as_record()
     assert record == {"rank": 4, "alpha": 1.0, "dropout": 0.0, "targets": ["wq", "wv"]}
     assert type(record["targets"]) is list  # what earlier checkpoints hold, so that --resume compares equal
+    assert LoRASettings.from_record(record) == settings
