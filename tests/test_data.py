@@ -85,6 +85,27 @@ def test_training_batches_cover_every_example_once_and_follow_the_seed():
     assert draw(1) == batches and draw(2) != batches
 
 
+def padding(lengths: list[int], batches: list[list[int]]) -> float:
+    """Padded tokens per real token."""
+    return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches) / sum(lengths) - 1
+
+
+@pytest.mark.parametrize("n_examples", [40, 200, 3000])
+def test_every_epoch_draws_new_batches_of_similar_lengths(n_examples):
+    # distinct lengths: a whole-set sort (the buckets before issue 22) gave every epoch the very same batches
+    lengths = [int(n) + 1 for n in torch.randperm(n_examples, generator=torch.Generator().manual_seed(0))]
+    generator = torch.Generator().manual_seed(0)
+    epochs = [make_batches(lengths, 16, shuffle=True, generator=generator) for _ in range(3)]
+    for batches in epochs:
+        assert sorted(i for batch in batches for i in batch) == list(range(n_examples))
+    compositions = [{frozenset(batch) for batch in batches} for batches in epochs]
+    assert len(compositions[0] & compositions[1]) <= len(compositions[0]) // 4
+    assert len(compositions[1] & compositions[2]) <= len(compositions[1]) // 4
+    at_random = [b.tolist() for b in torch.randperm(n_examples, generator=generator).split(16)]
+    if n_examples >= 16 * 8:  # enough for chunks of several batches: most of the padding is saved
+        assert padding(lengths, epochs[0]) < 0.5 * padding(lengths, at_random)
+
+
 def test_a_short_global_batch_is_filled_with_copies_that_weigh_nothing():
     shares = [shard([10, 11, 12], rank, 2) for rank in range(2)]
     assert shares == [([10, 12], [1.0, 1.0]), ([11], [1.0])]
