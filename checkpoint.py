@@ -18,7 +18,7 @@ from torch import nn
 from classifier import LlamaEmbeddingClassifier, build_classifier
 from llama import Llama, load_pretrained
 from lora import merge_lora
-from settings import DEFAULT_MODEL, ClassifySettings, LoRASettings, Settings
+from settings import DEFAULT_MODEL, LoRASettings, Settings
 from tokenizer import Tokenizer
 from utils import UsageError, file_sha256, load_tensors, require_file, save_atomic
 
@@ -100,7 +100,7 @@ def locate(stored: dict, checkpoint: str, flag: str, override: Optional[str]) ->
     candidates = [os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), stored["relpath"])),
                   stored["path"]]
     for candidate in candidates:
-        if os.path.isfile(candidate):
+        if os.path.exists(candidate):  # a file, or a Hugging Face folder
             return candidate
     raise UsageError(f"--filepath {checkpoint} needs {stored['path']} (fingerprint {stored['fingerprint'][:12]}), "
                      f"which is not there; pass its location with {flag}")
@@ -117,7 +117,7 @@ def stored_file(path: str, fingerprint: str, checkpoint: str) -> dict:
 # Models: the base a run starts from, the classifier a run made
 
 def load_base_model(model_path: str, tokenizer_path: str, device: torch.device) -> tuple[Llama, Tokenizer]:
-    """A llama2.c model and its tokenizer, checked to share one vocabulary."""
+    """A llama2.c model or Hugging Face folder and its tokenizer, checked to share one vocabulary."""
     if model_path == DEFAULT_MODEL and not os.path.exists(model_path):
         raise UsageError(f"--pretrained-model-path {DEFAULT_MODEL}: no such file; run ./setup.sh to download it, or "
                          f"use the tiny model: --pretrained-model-path stories260K.pt --tokenizer tok512.model")
@@ -128,12 +128,12 @@ def load_base_model(model_path: str, tokenizer_path: str, device: torch.device) 
     return llama.to(device), tokenizer
 
 
-def load_classifier(settings: ClassifySettings, device: torch.device) -> tuple[LlamaEmbeddingClassifier, Tokenizer]:
-    """The classifier a checkpoint describes, on the base model and tokenizer it was trained with (found beside
-    it, or where the overrides say), adapters merged."""
-    saved, path = settings.saved, settings.checkpoint
-    base = locate(saved["base_model"], path, "--pretrained-model-path", settings.model)
-    tokenizer_path = locate(saved["tokenizer"], path, "--tokenizer", settings.tokenizer)
+def load_classifier(path: str, saved: dict, model_path: Optional[str], tokenizer_path: Optional[str],
+                    device: torch.device) -> tuple[LlamaEmbeddingClassifier, Tokenizer]:
+    """The classifier that the checkpoint at path (its contents: saved) describes, on the base model and tokenizer
+    it was trained with (found beside it, or at model_path / tokenizer_path), adapters merged."""
+    base = locate(saved["base_model"], path, "--pretrained-model-path", model_path)
+    tokenizer_path = locate(saved["tokenizer"], path, "--tokenizer", tokenizer_path)
     require_file("--tokenizer", tokenizer_path, "pass the tokenizer the model was trained with")
     if file_sha256(tokenizer_path) != saved["tokenizer"]["fingerprint"]:
         raise UsageError(f"--tokenizer {tokenizer_path}: not the tokenizer --filepath {path} was trained "
@@ -144,7 +144,8 @@ def load_classifier(settings: ClassifySettings, device: torch.device) -> tuple[L
                          f"{saved['base_model']['path']}, the base model --filepath {path} was trained "
                          f"from; pass that model")
     lora = LoRASettings.from_record(saved["lora"]) if saved["lora"] else None
-    model = build_classifier(llama, len(saved["label_names"]), saved["hidden_dropout_prob"], lora)
+    model = build_classifier(llama, len(saved["label_names"]), saved["hidden_dropout_prob"], lora,
+                             head_bias="classifier_head.bias" in saved["trainable"])
     load_trainable(model, saved["trainable"], path)
     merge_lora(model)
     return model, tokenizer

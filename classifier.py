@@ -70,14 +70,19 @@ class LlamaZeroShotClassifier(nn.Module):
 
 
 class LlamaEmbeddingClassifier(nn.Module):
-    """The final hidden state of the last real token, then dropout, a linear head and log-softmax."""
+    """The final hidden state of the last real token, then dropout, a linear head and log-softmax.
 
-    def __init__(self, llama: Llama, num_labels: int, hidden_dropout_prob: float):
+    The head is transformers' `score` of LlamaForSequenceClassification: no bias, weights drawn from N(0, 0.02),
+    so that a trained classifier exports exactly (hf.py) and trains as transformers' does (README "Accuracy
+    parity"). Checkpoints made before had a bias (head_bias=True rebuilds them)."""
+
+    def __init__(self, llama: Llama, num_labels: int, hidden_dropout_prob: float, head_bias: bool = False):
         super().__init__()
         self.llama = llama
         self.num_labels = num_labels
         self.dropout = nn.Dropout(hidden_dropout_prob)
-        self.classifier_head = nn.Linear(llama.config.dim, num_labels)
+        self.classifier_head = nn.Linear(llama.config.dim, num_labels, bias=head_bias)
+        nn.init.normal_(self.classifier_head.weight, std=0.02)
         if not llama.tied_embeddings:
             # The head replaces the language-model output: an untied output matrix gets no gradient, and must
             # not count as trained (DistributedDataParallel would wait for its gradient forever).
@@ -122,10 +127,10 @@ def warn_if_adapters_outgrow(model: nn.Module, adapted: list[str], rank: int) ->
 
 
 def build_classifier(llama: Llama, n_labels: int, hidden_dropout_prob: float,
-                     lora: Optional[LoRASettings]) -> LlamaEmbeddingClassifier:
+                     lora: Optional[LoRASettings], head_bias: bool = False) -> LlamaEmbeddingClassifier:
     """The fine-tuning classifier; with LoRA settings, adapters on the base model, which then stays frozen: only
     the adapters and the head train."""
-    model = LlamaEmbeddingClassifier(llama, n_labels, hidden_dropout_prob)
+    model = LlamaEmbeddingClassifier(llama, n_labels, hidden_dropout_prob, head_bias)
     if lora:
         adapted = inject_lora(llama, lora.targets, lora.rank, lora.alpha, lora.dropout)
         for name, param in model.named_parameters():

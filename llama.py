@@ -1,5 +1,6 @@
 """Llama 2: RMSNorm, grouped-query causal attention with a key/value cache, SwiGLU feed-forward, pre-norm
-layers, tied embedding/output; and load_pretrained, the assignment's entry point, for llama2.c checkpoints.
+layers, tied embedding/output; and load_pretrained, the assignment's entry point, for llama2.c checkpoints and
+Hugging Face folders.
 
 Parameter names are llama2.c's (wq, wk, wv, wo, w1, w2, w3, ...), so its checkpoints load as they are.
 """
@@ -11,6 +12,7 @@ from torch import nn
 
 from base_llama import LlamaPreTrainedModel
 from config import LlamaConfig
+from hf import is_hf_folder, read_hf
 from llama2c import read_llama2c
 from rope import precompute_freqs_cis, rotate
 from utils import UsageError
@@ -267,19 +269,19 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: Optional[
 # Loading checkpoints
 
 def load_pretrained(checkpoint: str) -> Llama:
-    """A Llama with the weights of a llama2.c checkpoint: train.py's .pt or the legacy .bin export (read and
-    checked by llama2c.py). A checkpoint that does not match its own config is a UsageError."""
-    config, state_dict, tied = read_llama2c(checkpoint)
-    # Built on the meta device first: its shapes are checked against the file before any memory is taken,
-    # and no time goes into random weights that are replaced.
+    """A Llama with the weights of a llama2.c checkpoint (train.py's .pt or the legacy .bin export, read and
+    checked by llama2c.py) or of a Hugging Face folder (hf.py). A checkpoint that does not match its own config is
+    a UsageError."""
+    config, state_dict, tied = read_hf(checkpoint) if is_hf_folder(checkpoint) else read_llama2c(checkpoint)
+    # Built on the meta device: its shapes are checked against the file before any memory is taken, and the
+    # tensors read become the parameters (assign), so the weights are never held twice.
     with torch.device("meta"):
         model = Llama(config, tied_embeddings=tied)
     _check_tensors(model, state_dict, checkpoint)
-    model.to_empty(device="cpu")
+    model.load_state_dict({name: t.float() for name, t in state_dict.items()}, strict=True, assign=True)
     if tied:
-        model.tok_embeddings.weight = model.output.weight  # to_empty makes new parameters, one per name
-    model.load_state_dict(state_dict, strict=True)
-    return model
+        model.tok_embeddings.weight = model.output.weight  # assign made one parameter per name
+    return model.to("cpu")  # rebuilds the rotary table, made on the meta device
 
 
 def _check_tensors(model: Llama, state_dict: dict, path: str) -> None:
@@ -291,10 +293,10 @@ def _check_tensors(model: Llama, state_dict: dict, path: str) -> None:
     missing = sorted(k for k in expected if state_dict.get(k) is None)
     unexpected = sorted(k for k in state_dict if k not in expected)
     if missing or unexpected:
-        raise UsageError(f"checkpoint {path}: tensors do not match a Llama of its own model_args "
+        raise UsageError(f"checkpoint {path}: tensors do not match a Llama of its own config "
                          f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                          f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
     for name, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UsageError(f"checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)} but its model_args "
+            raise UsageError(f"checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)} but its config "
                              f"give {tuple(expected[name].shape)}; the file is inconsistent")

@@ -6,12 +6,15 @@
   --option finetune   train the whole model with a classification head
   --option lora       train LoRA adapters and the head; the base model stays frozen
   --option classify   label new sentences with a checkpoint that finetune or lora wrote (--filepath, --input)
+  --option export     write a Hugging Face folder (--output) that transformers loads: the classifier of
+                      --filepath, or with --lm-only the language model alone
 
 Flags and output files follow the CS11-711 minllama assignment; every flag is accepted with hyphens or
 underscores. Bad input ends with one line on stderr and exit status 2 (see utils.UsageError); Ctrl-C or SIGTERM
 end with one line saying what was saved, and status 130 or 143. Training writes the best-dev checkpoint to
 --filepath, <filepath>.state after every epoch for --resume (safe to delete when done), and the curves
-<stem>.metrics.jsonl and <stem>.png.
+<stem>.metrics.jsonl and <stem>.png. --pretrained-model-path takes llama2.c's .pt and .bin files and Hugging Face
+folders (config.json, safetensors weights, tokenizer.model).
 """
 import os
 import signal
@@ -45,10 +48,11 @@ from classifier import build_classifier, zero_shot_classifier
 from data import Split, load_split, read_label_names, warn_if_labels_unused
 from decoding import prepare_for_decoding, timed_generation, weight_megabytes
 from evaluate import line_by_line, predict, print_metrics, report, write_predictions
+from hf import check_export_folder, default_tokenizer, is_hf_folder, write_folder
 from lora import ALL_TARGETS, ATTENTION_TARGETS, DEFAULT_TARGETS, merge_lora
 from runtime import DTYPES, Interrupted, Runtime, seed_everything, signals_interrupt, start_runtime
-from settings import (DEFAULT_MODEL, ClassifySettings, DataSettings, GenerationRun, GenerationSettings, LoRASettings,
-                      ModelFiles, RunFiles, Settings, TrainingSettings)
+from settings import (DEFAULT_MODEL, ClassifySettings, DataSettings, ExportSettings, GenerationRun, GenerationSettings,
+                      LoRASettings, ModelFiles, RunFiles, Settings, TrainingSettings)
 from tokenizer import TOKENIZER_MODEL
 from train import fit
 from utils import UsageError, check_outputs, held_outputs, write_text_atomic
@@ -99,17 +103,19 @@ def finite_float(text: str) -> float:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--option", choices=("generate", "prompt", "finetune", "lora", "classify"), default="generate",
-                        help="what to do (see above)")
+    parser.add_argument("--option", choices=("generate", "prompt", "finetune", "lora", "classify", "export"),
+                        default="generate", help="what to do (see above)")
     parser.add_argument("--train", help=f"training data (default: {CFIMDB['--train']}, see --dev)")
     parser.add_argument("--dev", help=f"dev data (default: {CFIMDB['--dev']}); give all of --train --dev --test "
                                       f"--label-names or none (CFIMDB), never some")
     parser.add_argument("--test", help=f"test data (default: {CFIMDB['--test']})")
     parser.add_argument("--label-names", help=f"JSON list of label names (default: {CFIMDB['--label-names']})")
-    parser.add_argument("--pretrained-model-path", help=f"llama2.c checkpoint: train.py .pt or legacy .bin export "
-                                                        f"(default: {DEFAULT_MODEL}; classify: the checkpoint's)")
+    parser.add_argument("--pretrained-model-path", help=f"llama2.c checkpoint (train.py .pt or legacy .bin export) "
+                                                        f"or Hugging Face folder (default: {DEFAULT_MODEL}; "
+                                                        f"classify, export: the checkpoint's)")
     parser.add_argument("--tokenizer", help=f"sentencepiece model matching the checkpoint, tok512.model for "
-                                            f"stories260K (default: {TOKENIZER_MODEL}; classify: the checkpoint's)")
+                                            f"stories260K (default: {TOKENIZER_MODEL}, or a Hugging Face folder's "
+                                            f"own; classify, export: the checkpoint's)")
     parser.add_argument("--max_sentence_len", type=int, default=None,
                         help="cut each classified sentence to this many tokens (prompts and labels stay whole)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds initialisation, dropout and batch order")
@@ -157,7 +163,8 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
                      help="continue training from <filepath>.state (none yet: start at epoch 0); only --epochs and "
                           "output/device flags may change")
     cls.add_argument("--overwrite", action="store_true",
-                     help="replace a --filepath checkpoint that another run (other data or flags) made")
+                     help="replace a --filepath checkpoint that another run (other data or flags) made; export: "
+                          "replace an --output folder that no export made")
     cls.add_argument("--lora_rank", type=int, default=4, help="rank of each LoRA update")
     cls.add_argument("--lora_alpha", type=finite_float, default=1.0, help="LoRA scaling: alpha / rank")
     cls.add_argument("--lora_dropout", type=finite_float, default=0.0, help="dropout on the LoRA input")
@@ -165,7 +172,10 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
                      help=f"comma-separated among {','.join(ALL_TARGETS)}, or 'attention', or 'all'")
     cls.add_argument("--input", help="classify: one sentence, or '<label> ||| <sentence>', per line; - for stdin")
     cls.add_argument("--output", help="classify: write '<label> ||| <sentence>' lines here instead of printing "
-                                      "'<label name>\\t<probability>\\t<sentence>'")
+                                      "'<label name>\\t<probability>\\t<sentence>'; export: the folder to write")
+    cls.add_argument("--lm-only", action="store_true",
+                     help="export the language model alone (LlamaForCausalLM): of --filepath, or without it of "
+                          "--pretrained-model-path (e.g. a llama2.c model)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,7 +187,9 @@ def get_args(argv: Optional[list[str]] = None) -> Settings:
     lora_targets = parse_lora_targets(args.lora_targets)
     if args.option == "classify":
         return classify_settings(args)
-    model = ModelFiles(args.pretrained_model_path or DEFAULT_MODEL, args.tokenizer or TOKENIZER_MODEL)
+    if args.option == "export":
+        return export_settings(args)
+    model = model_files(args)
     inputs = [("--pretrained-model-path", model.model), ("--tokenizer", model.tokenizer)]
     if args.option == "generate":
         prompt = ASSIGNMENT_PREFIX if args.prompt is None else args.prompt
@@ -218,7 +230,9 @@ def check_values(args: argparse.Namespace) -> None:
         (args.lora_alpha > 0, "--lora_alpha must be > 0"),
         (0 <= args.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
         (args.max_sentence_len is None or args.max_sentence_len > 0, "--max_sentence_len must be > 0"),
-        (args.option == "classify" or not (args.input or args.output), "--input and --output go with --option classify"),
+        (args.option == "classify" or not args.input, "--input goes with --option classify"),
+        (args.option in ("classify", "export") or not args.output, "--output goes with --option classify or export"),
+        (args.option == "export" or not args.lm_only, "--lm-only goes with --option export"),
         (args.option in ("finetune", "lora") or not args.resume, "--resume goes with --option finetune or lora"),
         (args.option == "generate" or not args.quantize,
          "--quantize goes with --option generate (training and scoring use the float weights)"),
@@ -271,6 +285,11 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
                         args.max_sentence_len)
 
 
+def model_files(args: argparse.Namespace) -> ModelFiles:
+    model = args.pretrained_model_path or DEFAULT_MODEL
+    return ModelFiles(model, args.tokenizer or (default_tokenizer(model) if is_hf_folder(model) else TOKENIZER_MODEL))
+
+
 def dataset_name(dev_path: str) -> str:
     return os.path.basename(dev_path).split("-dev")[0].removesuffix(".txt")
 
@@ -293,6 +312,23 @@ def classify_settings(args: argparse.Namespace) -> Settings:
               f"fp32 on the CPU", file=sys.stderr)
         dtype = "fp32"
     return Settings("classify", args.use_gpu, dtype, args.seed, None, tuple(outputs), classify=classify)
+
+
+def export_settings(args: argparse.Namespace) -> Settings:
+    """export's source: the classifier of --filepath, or with --lm-only and no --filepath a base model."""
+    if not args.output or not (args.filepath or args.lm_only):
+        raise UsageError("--option export needs --output DIR and --filepath CHECKPOINT (from finetune or lora); with "
+                         "--lm-only, --pretrained-model-path MODEL instead of --filepath exports a base model")
+    check_export_folder(args.output, args.overwrite)
+    saved = read_saved(args.filepath, "--filepath", CHECKPOINT_FORMAT) if args.filepath else None
+    if saved and not args.lm_only and "classifier_head.bias" in saved["trainable"]:
+        raise UsageError(f"--filepath {args.filepath}: its head has a bias (trained before heads became transformers' "
+                         f"bias-free `score`), which LlamaForSequenceClassification cannot hold; train it again, or "
+                         f"export the language model alone with --lm-only")
+    export = ExportSettings(args.output, args.lm_only, args.overwrite, args.filepath, saved,
+                            args.pretrained_model_path, args.tokenizer)
+    return Settings("export", args.use_gpu, "fp32", args.seed, None if saved else model_files(args),
+                    (("--output", args.output),), export=export)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,7 +422,8 @@ def classify(settings: Settings, runtime: Runtime) -> None:
     classify, results = settings.classify, sys.stdout
     to_file = classify.output and classify.output != "-"
     with contextlib.redirect_stdout(sys.stdout if to_file else sys.stderr):
-        model, tokenizer = load_classifier(classify, runtime.device)
+        model, tokenizer = load_classifier(classify.checkpoint, classify.saved, classify.model, classify.tokenizer,
+                                           runtime.device)
         label_names = classify.saved["label_names"]
         split = load_split("input", classify.input, len(label_names), tokenizer, model.llama.config.max_seq_len,
                            classify.max_sentence_len, labels_optional=True)
@@ -402,7 +439,28 @@ def classify(settings: Settings, runtime: Runtime) -> None:
     results.write(line_by_line(split, rows))
 
 
-OPTIONS = {"generate": generate, "prompt": prompt, "finetune": train, "lora": train, "classify": classify}
+def export(settings: Settings, runtime: Runtime) -> None:
+    """Write a Hugging Face folder: the classifier of --filepath (LlamaForSequenceClassification, adapters merged)
+    or, with --lm-only, its language model or the base model alone (LlamaForCausalLM)."""
+    export, cpu = settings.export, torch.device("cpu")
+    if export.saved:
+        classifier, tokenizer = load_classifier(export.checkpoint, export.saved, export.model, export.tokenizer, cpu)
+        llama, source = classifier.llama, {"--filepath": os.path.abspath(export.checkpoint)}
+    else:
+        llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, cpu)
+        source = {"--pretrained-model-path": os.path.abspath(settings.model.model)}
+    if export.lm_only:
+        write_folder(export.output, llama, tokenizer, source, export.overwrite)
+        kind = "LlamaForCausalLM"
+    else:
+        write_folder(export.output, llama, tokenizer, source, export.overwrite, classifier.classifier_head.weight,
+                     export.saved["label_names"])
+        kind = "LlamaForSequenceClassification"
+    print(f"wrote {export.output}: transformers loads it with {kind}.from_pretrained({export.output!r})")
+
+
+OPTIONS = {"generate": generate, "prompt": prompt, "finetune": train, "lora": train, "classify": classify,
+           "export": export}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ DEFAULT_MODEL = "stories42M.pt"
 
 @dataclass(frozen=True)
 class ModelFiles:
-    model: str  # a llama2.c .pt or .bin
+    model: str  # a llama2.c .pt or .bin, or a Hugging Face folder
     tokenizer: str  # its sentencepiece model
 
 
@@ -103,6 +103,17 @@ class ClassifySettings:
 
 
 @dataclass(frozen=True)
+class ExportSettings:
+    output: str  # the folder to write
+    lm_only: bool  # the language model alone (LlamaForCausalLM), not the classifier
+    overwrite: bool
+    checkpoint: Optional[str]  # a trained classifier; None: the base model of Settings.model (lm_only)
+    saved: Optional[dict]
+    model: Optional[str]  # overrides of the base model and tokenizer the checkpoint names
+    tokenizer: Optional[str]
+
+
+@dataclass(frozen=True)
 class Settings:
     """One run: the option and what it needs (the parts an option does not use are None)."""
     option: str
@@ -115,3 +126,4 @@ class Settings:
     data: Optional[DataSettings] = None
     training: Optional[TrainingSettings] = None
     classify: Optional[ClassifySettings] = None
+    export: Optional[ExportSettings] = None

@@ -115,7 +115,7 @@ def test_lora_classifier_trains_the_adapters_and_the_head_only():
     model = build_classifier(llama, 3, hidden_dropout_prob=0.0, lora=lora)
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
     n_layers = llama.config.n_layers
-    assert len(trainable) == 2 * 2 * n_layers + 2  # lora_A and lora_B on two targets per layer, head weight and bias
+    assert len(trainable) == 2 * 2 * n_layers + 1  # lora_A and lora_B on two targets per layer, the head
     assert all(name.endswith(("lora_A", "lora_B")) or name.startswith("classifier_head.") for name in trainable)
     assert any(".attention.wq.lora_A" in name for name in trainable)
     assert any(".feed_forward.w2.lora_B" in name for name in trainable)
@@ -143,3 +143,39 @@ def test_a_lora_rank_beyond_a_matrix_s_side_is_warned_about(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == ["warning: --lora_rank 40 exceeds wk's smaller side (32 x 64): its adapter is 1.9x the size of the "
                    "matrix it adapts"]
+
+
+def test_the_classifier_is_transformers_sequence_classifier_in_loss_and_gradients(tiny_model):
+    """Same weights, same right-padded batch: LlamaForSequenceClassification's loss and every gradient. Its head
+    is transformers' `score` (no bias, N(0, 0.02)), which is also what makes an export exact."""
+    transformers = pytest.importorskip("transformers")
+    from hf import hf_name, to_rotate_half
+    from transformers_oracle import transformers_config, transformers_weights
+
+    torch.manual_seed(0)
+    ours = build_classifier(tiny_model, 3, hidden_dropout_prob=0.0, lora=None).train()
+    assert ours.classifier_head.bias is None and 0.01 < ours.classifier_head.weight.std() < 0.04
+    theirs = transformers.LlamaForSequenceClassification(transformers_config(tiny_model.config, num_labels=3,
+                                                                            pad_token_id=0))
+    theirs.model.load_state_dict(transformers_weights(tiny_model))
+    theirs.score.load_state_dict({"weight": ours.classifier_head.weight})
+    tokens = torch.randint(1, 97, (4, 13), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([13, 4, 9, 1])
+    tokens[torch.arange(13)[None] >= lengths[:, None]] = 0
+    labels = torch.tensor([0, 2, 1, 2])
+    our_loss = F.nll_loss(ours(tokens, lengths), labels)
+    their_loss = F.cross_entropy(theirs(input_ids=tokens, attention_mask=(tokens != 0).long()).logits, labels)
+    torch.testing.assert_close(our_loss, their_loss)
+    our_loss.backward()
+    their_loss.backward()
+    their_grads = {name: p.grad for name, p in theirs.named_parameters()}
+    heads = {"wq": tiny_model.config.n_heads, "wk": tiny_model.config.n_kv_heads}
+    for name, param in tiny_model.named_parameters():
+        if name == "output.weight":
+            continue  # tied to the embeddings
+        grad = param.grad
+        kind = name.split(".")[-2]
+        if kind in heads:
+            grad = to_rotate_half(grad, heads[kind])
+        torch.testing.assert_close(grad, their_grads[hf_name(name)], atol=1e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(ours.classifier_head.weight.grad, their_grads["score.weight"])

@@ -122,7 +122,7 @@ CASES = [
     # hostile or damaged files
     ("checkpoint model_args huge", lambda d, a: a.set("--pretrained-model-path", pt_with_huge_model_args(d)), ["huge.pt", "plausible"]),
     ("checkpoint holds non-tensors", lambda d, a: a.set("--pretrained-model-path", pt_with_non_tensors(d)), ["odd.pt", "tensors"]),
-    ("checkpoint is a folder", lambda d, a: a.set("--pretrained-model-path", d), ["checkpoint", "folder"]),
+    ("checkpoint is a folder", lambda d, a: a.set("--pretrained-model-path", d), ["--pretrained-model-path", "config.json"]),
     ("own classifier as base model", lambda d, a: a.set("--pretrained-model-path", classifier_checkpoint(d)), ["trained.pt", "--option classify"]),
     ("data is a folder", lambda d, a: a.set("--train", d), ["--train", "folder"]),
     ("state runs code", lambda d, a: (state_file(d, RunsCode()), a.add("--resume")), ["--resume", "model.pt.state"]),

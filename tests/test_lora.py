@@ -6,7 +6,8 @@ import torch
 from conftest import STORIES260K, asset
 from llama import Llama, load_pretrained
 from lora import ALL_TARGETS, LoRALinear, inject_lora, is_adapter, lora_state_dict, merge_lora, unmerge_lora
-from transformers_oracle import rotate_half_layout, to_transformers
+from hf import to_rotate_half
+from transformers_oracle import to_transformers
 
 
 def randomize_adapters(model):
@@ -29,7 +30,7 @@ def test_matches_peft_on_the_same_weights_and_adapters(tiny_model):
         for i, layer in enumerate(tiny_model.layers):
             attn = peft_model.base_model.model.model.layers[i].self_attn
             attn.q_proj.lora_A["default"].weight.copy_(layer.attention.wq.lora_A)
-            attn.q_proj.lora_B["default"].weight.copy_(rotate_half_layout(layer.attention.wq.lora_B, n_heads))
+            attn.q_proj.lora_B["default"].weight.copy_(to_rotate_half(layer.attention.wq.lora_B, n_heads))
             attn.v_proj.lora_A["default"].weight.copy_(layer.attention.wv.lora_A)
             attn.v_proj.lora_B["default"].weight.copy_(layer.attention.wv.lora_B)
         tokens = torch.randint(0, 97, (2, 11))

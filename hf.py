@@ -1,0 +1,286 @@
+"""Hugging Face's Llama format, read and written: a folder with config.json, safetensors weights (one
+model.safetensors, or shards listed in model.safetensors.index.json) and a sentencepiece tokenizer.model.
+
+Reading maps the config field by field and refuses, naming the field, anything this model cannot represent
+(rope scaling, biases, another activation or model type); weights are memory-mapped and converted one tensor
+at a time, so a model is never held twice. Writing (--option export) gives transformers a LlamaForCausalLM, or
+a LlamaForSequenceClassification whose `score` is our classifier head.
+
+transformers orders each query/key head as [even components, odd components] ("rotate half") where llama2.c
+and this project interleave the pairs; the rows of wq and wk are permuted on the way in and out.
+"""
+import json
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from config import LlamaConfig
+from lora import is_adapter
+from tokenizer import Tokenizer
+from utils import UsageError, signals_deferred
+
+if TYPE_CHECKING:  # llama.py imports this module to load folders
+    from llama import Llama
+
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.model"
+EXPORT_MARK = "minllama2-export.json"  # beside an export: the folder may be replaced by the next export
+
+# Our parameter names -> transformers' (LlamaForCausalLM), within a layer and at the top.
+_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+                "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+                "ffn_norm": "post_attention_layernorm"}
+_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_OUR_NAMES = {theirs: ours for ours, theirs in {**_LAYER_NAMES, **_TOP_NAMES}.items()}
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> transformers' (layers.0.attention.wq.weight -> model.layers.0.self_attn.q_proj.weight)."""
+    module, param = name.rsplit(".", 1)
+    if module.startswith("layers."):
+        _, index, inner = module.split(".", 2)
+        return f"model.layers.{index}.{_LAYER_NAMES[inner]}.{param}"
+    return f"{_TOP_NAMES[module]}.{param}"
+
+
+def our_name(name: str) -> Optional[str]:
+    """transformers' name -> ours; None for a tensor that a Llama does not have."""
+    module, _, param = name.rpartition(".")
+    if module.startswith("model.layers."):
+        _, _, index, inner = module.split(".", 3)
+        return f"layers.{index}.{_OUR_NAMES[inner]}.{param}" if inner in _OUR_NAMES and index.isdigit() else None
+    return f"{_OUR_NAMES[module]}.{param}" if module in _OUR_NAMES else None
+
+
+def to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq/wk rows, interleaved pairs -> transformers' order: within each head the even components, then the odd."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def from_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, cols = weight.shape
+    return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _heads(name: str, tensor: torch.Tensor, config: LlamaConfig) -> Optional[int]:
+    """The heads whose rows a tensor holds if they are rotated (wq, wk), else None; None too for a tensor of the
+    wrong shape, which the shape check of llama.load_pretrained then names."""
+    heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}.get(
+        name.split(".", 2)[-1] if name.startswith("layers.") else "")
+    return heads if heads and tensor.shape == (heads * config.head_dim, config.dim) else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In
+
+def is_hf_folder(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+def default_tokenizer(folder: str) -> str:
+    """The sentencepiece model that comes with a folder."""
+    path = os.path.join(folder, TOKENIZER_FILE)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise UsageError(f"--pretrained-model-path {folder}: its tokenizer is given only as tokenizer.json, which this "
+                         f"project cannot read; pass a sentencepiece model with --tokenizer")
+    return path
+
+
+def read_config(folder: str) -> tuple[LlamaConfig, bool]:
+    """(config, whether the output is tied to the embeddings) of a folder's config.json."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UsageError(f"--pretrained-model-path {folder}: a folder without {CONFIG_FILE}; pass a Hugging Face model "
+                         f"folder or a llama2.c .pt/.bin file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--pretrained-model-path {path}: not readable JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise UsageError(f"--pretrained-model-path {path}: not a JSON object")
+
+    def refuse(field: str, value: Any, why: str) -> UsageError:
+        return UsageError(f"--pretrained-model-path {path}: {field} = {json.dumps(value)}: {why}; this project "
+                          f"cannot represent it, so it does not load the model")
+
+    if hf.get("model_type") != "llama":
+        raise refuse("model_type", hf.get("model_type"), "not a Llama")
+    for field, allowed in (("hidden_act", ("silu", None)), ("attention_bias", (False, None)),
+                           ("mlp_bias", (False, None))):
+        if hf.get(field) not in allowed:
+            raise refuse(field, hf[field], "only Llama-2's silu feed-forward without biases is built here")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise refuse("rope_parameters" if hf.get("rope_parameters") else "rope_scaling", rope,
+                     "rotary scaling is not implemented")
+    try:
+        config = LlamaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                             n_heads=hf["num_attention_heads"],
+                             n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                             vocab_size=hf["vocab_size"], hidden_dim=hf["intermediate_size"],
+                             max_seq_len=hf.get("max_position_embeddings", 2048),
+                             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
+    except KeyError as e:
+        raise UsageError(f"--pretrained-model-path {path}: no {e.args[0]}; a Llama config.json names it") from e
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--pretrained-model-path {path}: not a valid Llama config ({e})") from e
+    if hf.get("head_dim") not in (None, config.head_dim):
+        raise refuse("head_dim", hf["head_dim"], f"not hidden_size / num_attention_heads = {config.head_dim}")
+    return config, bool(hf.get("tie_word_embeddings", False))
+
+
+def weight_files(folder: str) -> list[str]:
+    """The safetensors files of a folder: the single file, or the shards its index names."""
+    single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(single):
+        return [single]
+    if not os.path.isfile(index):
+        raise UsageError(f"--pretrained-model-path {folder}: no {WEIGHTS_FILE} or {INDEX_FILE}; only safetensors "
+                         f"weights are read (save them with save_pretrained(..., safe_serialization=True))")
+    try:
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--pretrained-model-path {index}: not a safetensors index ({e})") from e
+    paths = [os.path.join(folder, shard) for shard in shards]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UsageError(f"--pretrained-model-path {folder}: {INDEX_FILE} names {os.path.basename(path)}, which "
+                             f"is not there; download the model again")
+    return paths
+
+
+def read_hf(folder: str) -> tuple[LlamaConfig, dict[str, torch.Tensor], bool]:
+    """(config, float32 state dict under our names with our rotary layout, tied) of a Hugging Face folder."""
+    config, tied = read_config(folder)
+    state_dict = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq"):  # older exports store the rotary table; it is recomputed
+                        continue
+                    name = our_name(key)
+                    if name is None:
+                        raise UsageError(f"--pretrained-model-path {path}: tensor {key} is not part of a "
+                                         f"LlamaForCausalLM; pass the folder of a base model")
+                    tensor = f.get_tensor(key).float()  # one tensor converted at a time
+                    heads = _heads(name, tensor, config)
+                    state_dict[name] = from_rotate_half(tensor, heads) if heads else tensor
+        except (OSError, RuntimeError, ValueError) as e:  # safetensors' own errors derive from these
+            raise UsageError(f"--pretrained-model-path {path}: not a readable safetensors file ({e})") from e
+    if tied and state_dict.get("output.weight") is None:
+        state_dict["output.weight"] = state_dict.get("tok_embeddings.weight")
+    return config, state_dict, tied
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Out
+
+def hf_config(config: LlamaConfig, tied: bool) -> dict[str, Any]:
+    """config.json's fields for a LlamaForCausalLM of this config."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": config.dim,
+            "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+            "num_key_value_heads": config.n_kv_heads, "intermediate_size": config.hidden_dim,
+            "vocab_size": config.vocab_size, "max_position_embeddings": config.max_seq_len,
+            "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "head_dim": config.head_dim, "torch_dtype": "float32"}
+
+
+def hf_weights(state_dict: dict[str, torch.Tensor], config: LlamaConfig, tied: bool) -> dict[str, torch.Tensor]:
+    """A Llama's state dict under transformers' names and rotary layout (contiguous, one copy per tensor)."""
+    out = {}
+    for name, tensor in state_dict.items():
+        if tied and name == "output.weight":
+            continue  # transformers ties lm_head to embed_tokens itself
+        heads = _heads(name, tensor, config)
+        out[hf_name(name)] = (to_rotate_half(tensor, heads) if heads else tensor).detach().float().contiguous()
+    return out
+
+
+def check_export_folder(out_dir: str, overwrite: bool) -> None:
+    """Before any work: out_dir may be written (absent, empty, an earlier export, or overwrite)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--output {out_dir}: a file, not a folder; choose another --output")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite \
+            and not os.path.isfile(os.path.join(out_dir, EXPORT_MARK)):
+        raise UsageError(f"--output {out_dir}: a folder with files that no export wrote; pass --overwrite to "
+                         f"replace it, or choose another --output")
+
+
+def write_folder(out_dir: str, llama: "Llama", tokenizer: Tokenizer, source: dict[str, Any], overwrite: bool,
+           head: Optional[torch.Tensor] = None, label_names: Optional[list[str]] = None) -> None:
+    """Write a Hugging Face folder: the language model (LlamaForCausalLM), or with a classifier head and its
+    label names a LlamaForSequenceClassification that reads, as ours does, the hidden state of the last real
+    token (</s>: the exported tokenizer adds it). `source` says what was exported (kept in EXPORT_MARK)."""
+    check_export_folder(out_dir, overwrite)
+    base = {name: t for name, t in llama.state_dict().items() if not is_adapter(name)}  # adapters come merged
+    weights = hf_weights(base, llama.config, llama.tied_embeddings)
+    config = {**hf_config(llama.config, llama.tied_embeddings), "pad_token_id": tokenizer.pad_id,
+              "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                        "pad_token": tokenizer.sp_model.id_to_piece(tokenizer.pad_id), "padding_side": "right"}
+    if head is not None:
+        weights.pop("lm_head.weight", None)  # a classifier's output is `score`
+        weights["score.weight"] = head.detach().float().contiguous()
+        config.update(architectures=["LlamaForSequenceClassification"], problem_type="single_label_classification",
+                      id2label={str(i): name for i, name in enumerate(label_names)},
+                      label2id={name: i for i, name in enumerate(label_names)})
+        tokenizer_config["add_eos_token"] = True
+    _write_files(os.path.abspath(out_dir), weights, {CONFIG_FILE: config, "tokenizer_config.json": tokenizer_config,
+                                                      EXPORT_MARK: source}, tokenizer.model_path)
+
+
+def _write_files(out_dir: str, weights: dict[str, torch.Tensor], json_files: dict[str, dict], tokenizer: str) -> None:
+    """Write the folder beside out_dir and rename it into place: out_dir holds the old folder or the new one,
+    never part of one. An interruption leaves no temporary folder behind."""
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    try:
+        save_file(weights, os.path.join(staging, WEIGHTS_FILE), metadata={"format": "pt"})
+        for name, content in json_files.items():
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2)
+        shutil.copyfile(tokenizer, os.path.join(staging, TOKENIZER_FILE))
+        for name in os.listdir(staging):
+            os.chmod(os.path.join(staging, name), 0o644)  # safetensors and mkdtemp make private files
+            with open(os.path.join(staging, name), "rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(staging, 0o755)
+        with signals_deferred():
+            _swap_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging + ".old", ignore_errors=True)
+
+
+def _swap_into_place(staging: str, out_dir: str) -> None:
+    """Rename staging to out_dir; a non-empty out_dir is first moved aside (and removed by the caller)."""
+    old = None
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        old = staging + ".old"
+        os.rename(out_dir, old)
+    try:
+        os.replace(staging, out_dir)  # replaces an empty folder
+    except OSError:
+        if old:
+            os.rename(old, out_dir)
+        raise
+    fd = os.open(os.path.dirname(out_dir), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

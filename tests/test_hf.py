@@ -1,0 +1,215 @@
+"""Hugging Face folders in (against transformers' own tiny models) and out (transformers loads our exports)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import run_llama
+from checkpoint import CHECKPOINT_FORMAT, load_classifier, read_saved
+from conftest import ROOT, STORIES260K, TOK512, asset
+from data import load_split, pad_batch
+from evaluate import predict
+from hf import default_tokenizer, read_hf
+from llama import load_pretrained
+from runtime import Runtime
+from test_cli import fails, read_lines, run, sst_subset  # noqa: F401 (a fixture)
+from transformers_oracle import to_transformers
+from utils import UsageError
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """transformers' own tiny LlamaForCausalLM (grouped-query attention, untied output, rope_theta and
+    rms_norm_eps not llama2.c's, tok512's vocabulary), saved as one file and as shards."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                                      max_position_embeddings=128, tie_word_embeddings=False,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    model = transformers.LlamaForCausalLM(config).eval()
+    root = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(root / "single")
+    model.save_pretrained(root / "sharded", max_shard_size="20KB")
+    assert (root / "sharded" / "model.safetensors.index.json").exists()
+    for folder in ("single", "sharded"):
+        shutil.copyfile(asset(TOK512), root / folder / "tokenizer.model")
+    return model, root
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_a_transformers_folder_gives_transformers_logits_and_greedy_tokens(hf_folders, layout):
+    theirs, root = hf_folders
+    ours = load_pretrained(str(root / layout)).eval()
+    assert ours.config.rope_theta == 5000.0 and ours.config.norm_eps == 1e-6 and not ours.tied_embeddings
+    tokens = torch.randint(0, 512, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens, all_logits=True)[0], theirs(tokens).logits, atol=1e-5, rtol=1e-5)
+        expected = theirs.generate(tokens[:1], max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                                   pad_token_id=0, eos_token_id=None)
+    assert ours.generate(tokens[:1], 20, temperature=0.0).tolist() == expected.tolist()
+
+
+def edited_copy(root, tmp_path, **changes):
+    folder = tmp_path / "edited"
+    shutil.copytree(root / "single", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model_type", "mistral"), ("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True),
+    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), ("head_dim", 16),
+])
+def test_what_this_model_cannot_represent_is_refused_naming_the_field(hf_folders, tmp_path, field, value):
+    folder = edited_copy(hf_folders[1], tmp_path, **{field: value})
+    with pytest.raises(UsageError, match=f"config.json: {field} = "):
+        load_pretrained(str(folder))
+
+
+def test_old_style_rope_scaling_is_refused_and_top_level_rope_theta_honoured(hf_folders, tmp_path):
+    folder = edited_copy(hf_folders[1], tmp_path, rope_parameters=None, rope_theta=500.0, rope_scaling=None)
+    assert read_hf(str(folder))[0].rope_theta == 500.0
+    folder = edited_copy(hf_folders[1], tmp_path / "b", rope_parameters=None, rope_scaling={"type": "dynamic"})
+    with pytest.raises(UsageError, match="rope_scaling = "):
+        load_pretrained(str(folder))
+
+
+def test_other_weights_and_tokenizers_are_refused(hf_folders, tmp_path):
+    folder = edited_copy(hf_folders[1], tmp_path)
+    os.rename(folder / "model.safetensors", folder / "pytorch_model.bin")
+    with pytest.raises(UsageError, match="only safetensors weights"):
+        load_pretrained(str(folder))
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(hf_folders[1] / "single" / "model.safetensors")
+    tensors["model.layers.1.self_attn.q_proj.weight"] = torch.zeros(31, 32)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(UsageError, match=r"layers.1.attention.wq.weight has shape \(31, 32\)"):
+        load_pretrained(str(folder))
+    save_file({"score.weight": torch.zeros(2, 32)}, folder / "model.safetensors")
+    with pytest.raises(UsageError, match="tensor score.weight is not part of a LlamaForCausalLM"):
+        load_pretrained(str(folder))
+    os.remove(folder / "tokenizer.model")
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(UsageError, match="only as tokenizer.json"):
+        default_tokenizer(str(folder))
+
+
+def test_every_option_takes_a_folder_with_its_own_tokenizer(hf_folders, tmp_path, sst_subset, capsys):  # noqa: F811
+    folder = str(hf_folders[1] / "sharded")
+    run(["--option", "generate", "--pretrained-model-path", folder, "--max_new_tokens", "5"], tmp_path)
+    assert read_lines(tmp_path / "generated-sentence-temp-0.txt")[0].startswith(run_llama.ASSIGNMENT_PREFIX)
+    run(["--option", "prompt", "--pretrained-model-path", folder, *sst_subset], tmp_path)
+    run(["--option", "lora", "--pretrained-model-path", folder, *sst_subset, "--epochs", "1", "--lr", "1e-2",
+         "--filepath", "lora.pt"], tmp_path)
+    run(["--option", "classify", "--filepath", "lora.pt", "--input", sst_subset[3], "--output", "again.txt"], tmp_path)
+    assert (tmp_path / "again.txt").read_bytes() == (tmp_path / "sst-dev-lora-output.txt").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Out
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """stories260K, LoRA on a few SST sentences, exported; and stories260K alone exported with --lm-only."""
+    folder = tmp_path_factory.mktemp("export")
+    for name, n in (("train", 60), ("dev", 30)):
+        with open(asset(f"data/sst-{name}.txt"), encoding="utf-8") as f:
+            (folder / f"sst-{name}.txt").write_text("".join(f.readlines()[:n]), encoding="utf-8")
+    run(["--option", "lora", "--pretrained-model-path", asset(STORIES260K), "--tokenizer", asset(TOK512),
+         "--train", "sst-train.txt", "--dev", "sst-dev.txt", "--test", "sst-dev.txt",
+         "--label-names", asset("data/sst-label-mapping.json"), "--epochs", "1", "--lr", "1e-2",
+         "--filepath", "lora.pt"], folder)
+    run(["--option", "export", "--filepath", "lora.pt", "--output", "classifier"], folder)
+    run(["--option", "export", "--lm-only", "--pretrained-model-path", asset(STORIES260K), "--tokenizer",
+         asset(TOK512), "--output", "lm"], folder)
+    return folder
+
+
+def test_an_exported_classifier_gives_classify_s_probabilities_in_transformers(exported):
+    saved = read_saved(str(exported / "lora.pt"), "--filepath", CHECKPOINT_FORMAT)
+    model, tokenizer = load_classifier(str(exported / "lora.pt"), saved, None, None, torch.device("cpu"))
+    split = load_split("input", str(exported / "sst-dev.txt"), 5, tokenizer, 512, labels_optional=True)
+    ours = predict(model, split, 8, tokenizer.pad_id, Runtime(torch.device("cpu"), None)).exp()
+
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(exported / "classifier").eval()
+    assert hf.config.id2label == dict(enumerate(saved["label_names"]))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported / "classifier")
+    batch = hf_tokenizer(split.sentences, padding=True, return_tensors="pt")
+    tokens, _ = pad_batch(split.token_ids, tokenizer.pad_id)
+    assert torch.equal(batch["input_ids"], tokens)  # bos + sentence + eos, right-padded, as ours
+    with torch.no_grad():
+        theirs = hf(**batch).logits.softmax(-1)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    written = [int(line.split(" ||| ")[0]) for line in read_lines(exported / "sst-test-lora-output.txt")]
+    assert theirs.argmax(-1).tolist() == written
+
+
+def test_lm_only_export_of_a_llama2c_model_gives_its_logits(exported):
+    ours = load_pretrained(asset(STORIES260K)).eval()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(exported / "lm", attn_implementation="eager").eval()
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours(tokens, all_logits=True)[0]
+        exported_logits = theirs(tokens).logits
+        assert torch.equal(exported_logits, to_transformers(ours)(tokens).logits)  # the very weights of the oracle
+    # within 1e-5 of the logits' scale (about 20 here: fp32 sums in another order differ in their last bits)
+    torch.testing.assert_close(exported_logits, logits, atol=1e-5 * logits.abs().max().item(), rtol=0)
+    assert load_pretrained(str(exported / "lm")).state_dict().keys() == ours.state_dict().keys()
+
+
+def test_export_replaces_only_its_own_folders(exported, tmp_path, capsys):
+    common = ["--option", "export", "--filepath", str(exported / "lora.pt")]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    line = fails([*common, "--output", str(mine)], tmp_path, capsys)
+    assert "--output" in line and "--overwrite" in line and (mine / "notes.txt").read_text() == "keep me"
+    run([*common, "--output", str(tmp_path / "out")], tmp_path)
+    run([*common, "--output", str(tmp_path / "out"), "--lm-only"], tmp_path)  # an export may replace an export
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    run([*common, "--output", str(mine), "--overwrite"], tmp_path)
+    assert not (mine / "notes.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["mine", "out"]  # no temporary folder, no lock file left
+
+    ckpt = torch.load(exported / "lora.pt")
+    ckpt["trainable"]["classifier_head.bias"] = torch.zeros(5)  # a checkpoint from before the bias-free head
+    torch.save(ckpt, tmp_path / "old.pt")
+    line = fails(["--option", "export", "--filepath", str(tmp_path / "old.pt"), "--output", "x"], tmp_path, capsys)
+    assert "bias" in line and "--lm-only" in line
+    run(["--option", "classify", "--filepath", str(tmp_path / "old.pt"), "--input", str(exported / "sst-dev.txt"),
+         "--output", "old.txt"], tmp_path)  # zero bias: classify still reads it, and predicts as before
+    assert (tmp_path / "old.txt").read_bytes() == (exported / "sst-test-lora-output.txt").read_bytes()
+
+
+def test_loading_a_folder_holds_the_weights_once(tmp_path):
+    """The tensors read become the parameters: peak memory grows by the weights and some change, not by twice
+    the weights as when they were copied into new parameters."""
+    from safetensors.torch import save_file
+
+    from config import LlamaConfig
+    from hf import hf_config, hf_weights
+    from llama import Llama
+
+    config = LlamaConfig(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=256)  # 300 MB in fp32
+    model = Llama(config, tied_embeddings=False)
+    save_file(hf_weights(model.state_dict(), config, tied=False), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(config, tied=False)))
+    del model
+    # VmHWM: this process's peak resident memory (ru_maxrss would report pytest's, inherited through fork)
+    script = ("import sys; from llama import load_pretrained; "
+              "peak = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024; "
+              "before = peak(); model = load_pretrained(sys.argv[1]); "
+              "sum(p.sum() for p in model.parameters()); "  # every weight read once: all of it is in memory
+              "print((peak() - before) / sum(p.numel() * 4 for p in model.parameters()))")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 1.8, result.stdout  # 1.4 here; copying into new parameters: 2.4
