@@ -48,7 +48,8 @@ from classifier import build_classifier, zero_shot_classifier
 from data import Split, load_split, read_label_names, warn_if_labels_unused
 from decoding import prepare_for_decoding, timed_generation, weight_megabytes
 from evaluate import line_by_line, predict, print_metrics, report, write_predictions
-from hf import check_export_folder, default_tokenizer, is_hf_folder, write_folder
+from export import check_export_folder, write_folder
+from hf import default_tokenizer, is_hf_folder
 from lora import ALL_TARGETS, ATTENTION_TARGETS, DEFAULT_TARGETS, merge_lora
 from runtime import DTYPES, Interrupted, Runtime, seed_everything, signals_interrupt, start_runtime
 from settings import (DEFAULT_MODEL, ClassifySettings, DataSettings, ExportSettings, GenerationRun, GenerationSettings,

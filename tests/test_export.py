@@ -1,0 +1,107 @@
+"""--option export: transformers loads what we trained and gives the same answers; the folder is written whole."""
+import json
+import os
+
+import pytest
+import torch
+
+import export
+from checkpoint import CHECKPOINT_FORMAT, load_classifier, read_saved
+from conftest import STORIES260K, TOK512, asset
+from data import load_split, pad_batch
+from evaluate import predict
+from llama import load_pretrained
+from runtime import Runtime
+from test_cli import fails, read_lines, run
+from tokenizer import Tokenizer
+from transformers_oracle import to_transformers
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """stories260K, LoRA on a few SST sentences, exported; and stories260K alone exported with --lm-only."""
+    folder = tmp_path_factory.mktemp("export")
+    for name, n in (("train", 60), ("dev", 30)):
+        with open(asset(f"data/sst-{name}.txt"), encoding="utf-8") as f:
+            (folder / f"sst-{name}.txt").write_text("".join(f.readlines()[:n]), encoding="utf-8")
+    run(["--option", "lora", "--pretrained-model-path", asset(STORIES260K), "--tokenizer", asset(TOK512),
+         "--train", "sst-train.txt", "--dev", "sst-dev.txt", "--test", "sst-dev.txt",
+         "--label-names", asset("data/sst-label-mapping.json"), "--epochs", "1", "--lr", "1e-2",
+         "--filepath", "lora.pt"], folder)
+    run(["--option", "export", "--filepath", "lora.pt", "--output", "classifier"], folder)
+    run(["--option", "export", "--lm-only", "--pretrained-model-path", asset(STORIES260K), "--tokenizer",
+         asset(TOK512), "--output", "lm"], folder)
+    return folder
+
+
+def test_an_exported_classifier_gives_classify_s_probabilities_in_transformers(exported):
+    saved = read_saved(str(exported / "lora.pt"), "--filepath", CHECKPOINT_FORMAT)
+    model, tokenizer = load_classifier(str(exported / "lora.pt"), saved, None, None, torch.device("cpu"))
+    split = load_split("input", str(exported / "sst-dev.txt"), 5, tokenizer, 512, labels_optional=True)
+    ours = predict(model, split, 8, tokenizer.pad_id, Runtime(torch.device("cpu"), None)).exp()
+
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(exported / "classifier").eval()
+    assert hf.config.id2label == dict(enumerate(saved["label_names"]))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported / "classifier")
+    batch = hf_tokenizer(split.sentences, padding=True, return_tensors="pt")
+    tokens, _ = pad_batch(split.token_ids, tokenizer.pad_id)
+    assert torch.equal(batch["input_ids"], tokens)  # bos + sentence + eos, right-padded, as ours
+    with torch.no_grad():
+        theirs = hf(**batch).logits.softmax(-1)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    written = [int(line.split(" ||| ")[0]) for line in read_lines(exported / "sst-test-lora-output.txt")]
+    assert theirs.argmax(-1).tolist() == written
+
+
+def test_lm_only_export_of_a_llama2c_model_gives_its_logits(exported):
+    ours = load_pretrained(asset(STORIES260K)).eval()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(exported / "lm", attn_implementation="eager").eval()
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours(tokens, all_logits=True)[0]
+        exported_logits = theirs(tokens).logits
+        assert torch.equal(exported_logits, to_transformers(ours)(tokens).logits)  # the very weights of the oracle
+    # within 1e-5 of the logits' scale (about 20 here: fp32 sums in another order differ in their last bits)
+    torch.testing.assert_close(exported_logits, logits, atol=1e-5 * logits.abs().max().item(), rtol=0)
+    assert load_pretrained(str(exported / "lm")).state_dict().keys() == ours.state_dict().keys()
+
+
+def test_export_replaces_only_its_own_folders(exported, tmp_path, capsys):
+    common = ["--option", "export", "--filepath", str(exported / "lora.pt")]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    line = fails([*common, "--output", str(mine)], tmp_path, capsys)
+    assert "--output" in line and "--overwrite" in line and (mine / "notes.txt").read_text() == "keep me"
+    run([*common, "--output", str(tmp_path / "out")], tmp_path)
+    run([*common, "--output", str(tmp_path / "out"), "--lm-only"], tmp_path)  # an export may replace an export
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    run([*common, "--output", str(mine), "--overwrite"], tmp_path)
+    assert not (mine / "notes.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["mine", "out"]  # no temporary folder, no lock file left
+
+    ckpt = torch.load(exported / "lora.pt")
+    ckpt["trainable"]["classifier_head.bias"] = torch.zeros(5)  # a checkpoint from before the bias-free head
+    torch.save(ckpt, tmp_path / "old.pt")
+    line = fails(["--option", "export", "--filepath", str(tmp_path / "old.pt"), "--output", "x"], tmp_path, capsys)
+    assert "bias" in line and "--lm-only" in line
+    run(["--option", "classify", "--filepath", str(tmp_path / "old.pt"), "--input", str(exported / "sst-dev.txt"),
+         "--output", "old.txt"], tmp_path)  # zero bias: classify still reads it, and predicts as before
+    assert (tmp_path / "old.txt").read_bytes() == (exported / "sst-test-lora-output.txt").read_bytes()
+
+
+def test_an_interrupted_export_leaves_the_folder_as_it_was(exported, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    llama = load_pretrained(asset(STORIES260K))
+    export.write_folder(str(out), llama, Tokenizer(asset(TOK512)), {"test": 1}, overwrite=False)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(export, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.write_folder(str(out), llama, Tokenizer(asset(TOK512)), {"test": 2}, overwrite=False)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert os.listdir(tmp_path) == ["out"]  # no temporary folder
