@@ -20,13 +20,21 @@ EXPORT_MARK = "minllama2-export.json"  # what an export holds; a folder with it 
 
 
 def check_export_folder(out_dir: str, overwrite: bool) -> None:
-    """Before any work: out_dir may be written (absent, empty, an earlier export, or overwrite)."""
+    """Before any work: out_dir may be written (absent, empty, an earlier export, or overwrite) in a folder that
+    exists and takes new files (a probe, since os.access says yes to root everywhere)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--output {out_dir}: a file, not a folder; choose another --output")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite \
             and not os.path.isfile(os.path.join(out_dir, EXPORT_MARK)):
         raise UsageError(f"--output {out_dir}: a folder with files that no export wrote; pass --overwrite to "
                          f"replace it, or choose another --output")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--output {out_dir}: folder {parent} does not exist; create it or choose another --output")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe.", dir=parent))
+    except OSError as e:
+        raise UsageError(f"--output {out_dir}: cannot write in {parent} ({e.strerror}); choose another --output") from e
 
 
 def write_folder(out_dir: str, llama: Llama, tokenizer: Tokenizer, source: dict[str, Any], overwrite: bool,
@@ -55,9 +63,7 @@ def write_folder(out_dir: str, llama: Llama, tokenizer: Tokenizer, source: dict[
 def _write_files(out_dir: str, weights: dict[str, torch.Tensor], json_files: dict[str, dict], tokenizer: str) -> None:
     """Write the folder beside out_dir and rename it into place: out_dir holds the old folder or the new one,
     never part of one. An interruption leaves no temporary folder behind."""
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=os.path.dirname(out_dir))
     try:
         save_file(weights, os.path.join(staging, WEIGHTS_FILE), metadata={"format": "pt"})
         for name, content in json_files.items():

@@ -75,6 +75,8 @@ def test_export_replaces_only_its_own_folders(exported, tmp_path, capsys):
     (mine / "notes.txt").write_text("keep me")
     line = fails([*common, "--output", str(mine)], tmp_path, capsys)
     assert "--output" in line and "--overwrite" in line and (mine / "notes.txt").read_text() == "keep me"
+    assert "does not exist" in fails([*common, "--output", str(tmp_path / "no" / "dir")], tmp_path, capsys)
+    assert "a file, not a folder" in fails([*common, "--output", str(exported / "lora.pt")], tmp_path, capsys)
     run([*common, "--output", str(tmp_path / "out")], tmp_path)
     run([*common, "--output", str(tmp_path / "out"), "--lm-only"], tmp_path)  # an export may replace an export
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
