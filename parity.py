@@ -1,0 +1,194 @@
+"""Dev accuracy of our fine-tuning against transformers' on the same recipe, over several seeds (README
+"Accuracy parity"). Minutes per task on a CPU, so a script rather than a test:
+
+  .venv/bin/python parity.py --task sst2 --seeds 5            # binary SST: 800 train sentences, all of dev
+  .venv/bin/python parity.py --task sst5 --seeds 5 --variants ours,transformers
+  .venv/bin/python parity.py --task cfimdb --seeds 5 --variants ours,transformers
+
+Every variant starts from the same pretrained weights (stories260K by default) and trains with one loop: the
+loop of train.Training for one process (mean cross-entropy per batch, one optimizer step per batch), so that a
+variant differs from "ours" in exactly the one thing its name says (transformers' model computes the same
+gradients as ours to 1e-7 on the same batch: tests/test_classifier.py):
+
+  ours               our classifier (its head is transformers': no bias, N(0, 0.02)), our AdamW, our batches
+  ours-random        ... but batches drawn at random, each padded to its longest (no length buckets)
+  ours-buckets50     ... but the length buckets before issue 22 (sorted within chunks of 50 batches)
+  ours-bias-head     ... but the head before issue 22: with a bias, nn.Linear's initialisation
+  ours-torch-adamw   ... but torch.optim.AdamW with its defaults (eps 1e-8, weight decay 0.01)
+  transformers       LlamaForSequenceClassification, torch.optim.AdamW, batches drawn at random
+
+Reported per variant: dev accuracy after the last epoch for each seed, their mean and standard error, padded
+tokens per real token of the training batches, and training seconds per epoch. transformers is a test extra
+(./setup.sh --test).
+"""
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from classifier import build_classifier
+from data import Example, Split, make_batches, pad_batch, read_labeled_data, tokenize
+from evaluate import predict
+from llama import Llama, load_pretrained
+from optimizer import AdamW
+from runtime import Runtime, seed_everything
+from tokenizer import Tokenizer
+from transformers_oracle import transformers_config, transformers_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    train: str
+    dev: str
+    n_labels: int
+    epochs: int
+    lr: float
+    batch_size: int
+    binary: bool = False  # SST's five labels folded into negative / positive, neutral dropped
+    n_train: int = 0  # 0: every example; else a fixed random sample with as many of each label (dev: all)
+
+
+TASKS = {
+    "sst2": Task("data/sst-train.txt", "data/sst-dev.txt", 2, epochs=3, lr=1e-3, batch_size=32, binary=True,
+                 n_train=800),
+    "sst5": Task("data/sst-train.txt", "data/sst-dev.txt", 5, epochs=5, lr=1e-3, batch_size=80),
+    "cfimdb": Task("data/cfimdb-train.txt", "data/cfimdb-dev.txt", 2, epochs=5, lr=2e-5, batch_size=10),
+}
+VARIANTS = ["ours", "ours-random", "ours-buckets50", "ours-bias-head", "ours-torch-adamw", "transformers"]
+
+
+def load(path: str, task: Task, n: int, tokenizer: Tokenizer, max_seq_len: int) -> Split:
+    examples, _ = read_labeled_data(path, path)
+    if task.binary:
+        examples = [Example(e.line, int(e.label > 2), e.sentence) for e in examples if e.label != 2]
+    if n:  # the files are grouped by label: their first lines would be one class
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+        per_label = n // task.n_labels
+        examples = [e for label in range(task.n_labels) for e in [examples[i] for i in order
+                                                                   if examples[i].label == label][:per_label]]
+    token_ids, _ = tokenize(examples, tokenizer, max_seq_len)
+    return Split(path, [e.label for e in examples], [e.sentence for e in examples], token_ids)
+
+
+def random_batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    return [b.tolist() for b in torch.randperm(n, generator=generator).split(batch_size)]
+
+
+class TransformersClassifier(torch.nn.Module):
+    """transformers' LlamaForSequenceClassification on our weights, returning log-probabilities like ours."""
+
+    def __init__(self, llama: Llama, n_labels: int, pad_id: int):
+        super().__init__()
+        from transformers import LlamaForSequenceClassification
+
+        self.hf = LlamaForSequenceClassification(transformers_config(llama.config, num_labels=n_labels,
+                                                                     pad_token_id=pad_id, attn_implementation="sdpa"))
+        self.hf.model.load_state_dict(transformers_weights(llama))
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+        return F.log_softmax(self.hf(input_ids=tokens, attention_mask=mask).logits.float(), dim=-1)
+
+
+def build(variant: str, llama: Llama, task: Task, pad_id: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The variant's classifier and optimizer. Every bias-free head starts from the same draw for a seed, ours and
+    transformers' alike: which head a seed draws moves dev accuracy by several points, far more than any other
+    difference here, so unmatched draws would hide what is compared."""
+    if variant == "transformers":
+        model = TransformersClassifier(llama, task.n_labels, pad_id)
+        head = model.hf.score
+    else:
+        model = build_classifier(llama, task.n_labels, hidden_dropout_prob=0.0, lora=None)
+        head = model.classifier_head
+        if variant == "ours-bias-head":
+            model.classifier_head = torch.nn.Linear(llama.config.dim, task.n_labels)
+    if head.bias is None:
+        with torch.no_grad():
+            head.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if variant in ("transformers", "ours-torch-adamw"):
+        return model, torch.optim.AdamW(params, lr=task.lr)
+    return model, AdamW(params, lr=task.lr)
+
+
+def batcher(variant: str, task: Task, chunk_batches: Optional[int]) -> Callable[[list[int], torch.Generator],
+                                                                             list[list[int]]]:
+    if variant in ("transformers", "ours-random"):
+        return lambda lengths, g: random_batches(len(lengths), task.batch_size, g)
+    if variant == "ours-buckets50":
+        return lambda lengths, g: make_batches(lengths, task.batch_size, shuffle=True, generator=g, chunk_batches=50)
+    return lambda lengths, g: make_batches(lengths, task.batch_size, shuffle=True, generator=g,
+                                           chunk_batches=chunk_batches)
+
+
+def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Split, dev: Split,
+        pad_id: int) -> tuple[float, float, float]:
+    """One training run: (dev accuracy after the last epoch, padded tokens per real token, seconds per epoch)."""
+    seed_everything(seed)
+    model, optimizer = build(variant, load_pretrained(args.checkpoint), task, pad_id, seed)
+    generator = torch.Generator().manual_seed(seed)
+    make = batcher(variant, task, args.chunk_batches)
+    lengths = [len(t) for t in train.token_ids]
+    padded, seconds = 0, 0.0
+    for _ in range(task.epochs):
+        model.train()
+        start = time.perf_counter()
+        for indices in make(lengths, generator):
+            tokens, batch_lengths = pad_batch([train.token_ids[i] for i in indices], pad_id)
+            labels = torch.tensor([train.labels[i] for i in indices])
+            loss = F.nll_loss(model(tokens, batch_lengths), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            padded += tokens.numel()
+        seconds += time.perf_counter() - start
+    with torch.no_grad():
+        predictions = predict(model, dev, 64, pad_id, Runtime(torch.device("cpu"), None)).argmax(-1)
+    accuracy = (predictions == torch.tensor(dev.labels)).float().mean().item()
+    return accuracy, padded / (sum(lengths) * task.epochs) - 1, seconds / task.epochs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=TASKS, default="sst2")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 1, 2, ..., N")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--checkpoint", default="stories260K.pt")
+    parser.add_argument("--tokenizer", default="tok512.model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk-batches", type=int, default=None,
+                        help="length buckets of ours: batches per sorted chunk (default: data.make_batches')")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+    torch.set_num_threads(args.threads)
+    task = TASKS[args.task]
+    tokenizer = Tokenizer(args.tokenizer)
+    max_seq_len = load_pretrained(args.checkpoint).config.max_seq_len
+    train = load(task.train, task, task.n_train, tokenizer, max_seq_len)
+    dev = load(task.dev, task, 0, tokenizer, max_seq_len)
+    print(f"{args.task}: {len(train.labels)} train / {len(dev.labels)} dev, {task.epochs} epochs, lr {task.lr}, "
+          f"batch {task.batch_size}, seeds 1-{args.seeds}, {args.checkpoint}", flush=True)
+    print("| variant | dev accuracy per seed | mean | std. error | padding per real token | s per epoch |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |", flush=True)
+    for variant in variants:
+        runs = []
+        for seed in range(1, args.seeds + 1):
+            runs.append(run(variant, task, seed, args, train, dev, tokenizer.pad_id))
+            print(f"{variant}, seed {seed}: dev accuracy {runs[-1][0]:.3f}", file=sys.stderr, flush=True)
+        accs = [r[0] for r in runs]
+        stderr = statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else float("nan")
+        print(f"| {variant} | {' '.join(f'{a:.3f}' for a in accs)} | {statistics.mean(accs):.3f} | {stderr:.3f} "
+              f"| {statistics.mean(r[1] for r in runs):.2f} | {statistics.median(r[2] for r in runs):.1f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
