@@ -14,7 +14,7 @@ from hf import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, hf_config, hf_weights
 from llama import Llama
 from lora import is_adapter
 from tokenizer import Tokenizer
-from utils import UsageError, signals_deferred
+from utils import UsageError, fsync_folder, signals_deferred
 
 EXPORT_MARK = "minllama2-export.json"  # what an export holds; a folder with it may be replaced by the next export
 
@@ -38,7 +38,7 @@ def check_export_folder(out_dir: str, overwrite: bool) -> None:
 
 
 def write_folder(out_dir: str, llama: Llama, tokenizer: Tokenizer, source: dict[str, Any], overwrite: bool,
-           head: Optional[torch.Tensor] = None, label_names: Optional[list[str]] = None) -> None:
+                 head: Optional[torch.Tensor] = None, label_names: Optional[list[str]] = None) -> None:
     """Write a Hugging Face folder: the language model (LlamaForCausalLM), or with a classifier head and its
     label names a LlamaForSequenceClassification that reads, as ours does, the hidden state of the last real
     token (</s>: the exported tokenizer adds it). `source` says what was exported (kept in EXPORT_MARK)."""
@@ -94,8 +94,4 @@ def _swap_into_place(staging: str, out_dir: str) -> None:
         if old:
             os.rename(old, out_dir)
         raise
-    fd = os.open(os.path.dirname(out_dir), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_folder(os.path.dirname(out_dir))

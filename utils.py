@@ -151,11 +151,16 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
                 raise UsageError(f"could not write {path}: {cause.strerror}; free some space or pick another path "
                                  f"(the previous file, if any, is unchanged)") from e
             raise
-        folder_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(folder_fd)  # the rename itself, on disk
-        finally:
-            os.close(folder_fd)
+        fsync_folder(folder)
+
+
+def fsync_folder(folder: str) -> None:
+    """Put a rename in folder on disk (the folder's entry, not only the file's bytes)."""
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
 
 
 def _mode_for(path: str) -> int:
