@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import run_llama
 from checkpoint import CHECKPOINT_FORMAT, STATE_FORMAT, read_saved
@@ -78,7 +79,9 @@ def in_folder(folder, fn):
 
 
 def interrupted_run(folder, args, owner, name, nth, signum, when="before"):
-    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    # the same thread count as the runs in this process: sums split across threads differently round differently,
+    # and resuming is bit-exact only at the same thread count
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.run([sys.executable, "-c", DRIVER.format(root=ROOT), owner, name, str(nth), str(signum), when,
                            *args], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
 
