@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from classifier import build_classifier, zero_shot_classifier
 from config import LlamaConfig
 from data import Split, load_split, make_batches, pad_batch, read_label_names
-from decoding import prepare_for_decoding, timed_generation, weight_megabytes
+from decoding import Decoder, prepare_for_decoding, timed_generation, weight_megabytes
 from evaluate import predict
-from llama import Llama, load_pretrained
+from llama import KVCache, Llama, load_pretrained
 from lora import ATTENTION_TARGETS
 from optimizer import AdamW
 from runtime import DTYPES, Runtime
@@ -94,7 +94,7 @@ def base_model(args: argparse.Namespace) -> Llama:
     return Llama(LlamaConfig(**shape))
 
 
-def decode_tokens_per_second(model: Llama, prompt: torch.Tensor, new: int) -> float:
+def decode_tokens_per_second(model: Decoder, prompt: torch.Tensor, new: int) -> float:
     """Greedy decoding speed as `--option generate` reports it: the clock starts at the first new token."""
     _, n_decoded, seconds = timed_generation(model, prompt, new, temperature=0.0)
     return n_decoded / seconds
@@ -104,36 +104,79 @@ def decode_tokens_per_second(model: Llama, prompt: torch.Tensor, new: int) -> fl
 def bench_inference(args: argparse.Namespace) -> list[tuple]:
     ours = base_model(args).eval()
     theirs = to_transformers(ours, attn_implementation="sdpa")
-    fp32, int8 = (prepare_for_decoding(copy.deepcopy(ours), q) for q in (None, "int8"))
+    decoders = {q: prepare_for_decoding(copy.deepcopy(ours), None if q == "fp32" else q) for q in ("fp32", "int8", "fp16")}
     vocab = ours.config.vocab_size
     prompt = torch.tensor([[1]])  # <s>: the decoding steps are the whole run
     new = 16 if args.quick else 256
     their_generate = lambda: theirs.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                              pad_token_id=0)
-    our_tokens, their_tokens = fp32.generate(prompt, new, temperature=0.0), their_generate()
+    our_tokens, their_tokens = decoders["fp32"].generate(prompt, new, temperature=0.0), their_generate()
     agree = int((our_tokens == their_tokens).all(dim=0).long().cumprod(0).sum()) - prompt.shape[1]
-    their_speed = new / median_seconds(their_generate, args.repeats)
-    median_speed = lambda model: median_seconds(lambda: decode_tokens_per_second(model, prompt, new), args.repeats,
-                                                result=True)
-    rows = [("greedy decode fp32, tok/s", median_speed(fp32), their_speed, f"{agree}/{new} greedy tokens identical"),
-            ("greedy decode int8, tok/s (vs transformers fp32)", median_speed(int8), their_speed, "")]
+    their_speed, their_threads = best_thread_count(lambda _: new / median_seconds(their_generate, args.repeats), args)
+    speeds = {q: best_thread_count(lambda _: median_seconds(lambda: decode_tokens_per_second(model, prompt, new),
+                                                            args.repeats, result=True), args)
+              for q, model in decoders.items()}
+    at = lambda speed: f"{speed[1]} thread{'s' if speed[1] > 1 else ''}"
+    rows = [("greedy decode fp32, tok/s", speeds["fp32"][0], their_speed,
+             f"{agree}/{new} greedy tokens identical; {at(speeds['fp32'])} vs {their_threads}")]
+    rows += [(f"greedy decode {q}, tok/s (vs transformers fp32)", speeds[q][0], their_speed, at(speeds[q]))
+             for q in ("int8", "fp16")]
+    for q, model in decoders.items():
+        torch.set_num_threads(speeds[q][1])
+        besides_ms, calls = step_budget(model, prompt, new, args)
+        torch.set_num_threads(args.threads)
+        rows.append((f"decode {q}: everything but the products, ms per token (vs a 1.5 ms budget; lower is better)",
+                     besides_ms, 1.5, f"{calls} operator calls a step, {calls / ours.config.n_layers:.0f} per layer"))
+    if args.llama2c:
+        rows += llama2c_rows(ours, speeds, new, args)
+    if args.decode:
+        return rows
     memory = {q: child_result({"mode": "decode", "quantize": q, "new": new}, args) for q in ("fp32", "int8")}
     weights = f"weights {memory['int8']['weight_mb']:.0f} vs {memory['fp32']['weight_mb']:.0f} MB"
     rows += [("greedy decode, resident MB while decoding: int8 (vs our fp32; lower is better)",
               memory["int8"]["resident_mb"], memory["fp32"]["resident_mb"], weights),
              ("greedy decode, peak RSS MB with loading: int8 (vs our fp32; lower is better)",
               memory["int8"]["peak_mb"], memory["fp32"]["peak_mb"], "the float weights exist until quantized")]
-    if args.llama2c:
-        rows += llama2c_rows(ours, median_speed(fp32), median_speed(int8), new, args)
     batch = torch.randint(3, vocab, (10, 64))
     rows.append(("prefill 10 x 64, tok/s", batch.numel() / median_seconds(lambda: ours(batch), args.repeats),
                  batch.numel() / median_seconds(lambda: theirs(batch, logits_to_keep=1), args.repeats), ""))
     return rows
 
 
+def best_thread_count(speed: Callable[[int], float], args: argparse.Namespace) -> tuple[float, int]:
+    """(the highest speed, its thread count) over 1..--threads threads: each side at its best, as one would run
+    it (on 2 cores a decoding step is often faster on one thread than split across two)."""
+    results = []
+    for threads in range(1, args.threads + 1):
+        torch.set_num_threads(threads)
+        results.append((speed(threads), threads))
+    torch.set_num_threads(args.threads)
+    return max(results)
+
+
+def step_budget(model: Decoder, prompt: torch.Tensor, new: int, args: argparse.Namespace) -> tuple[float, int]:
+    """What a decoding step spends besides its weight products, in ms (the step timed with every product
+    replaced by a ready-made output of its shape), and its operator calls (top-level, views included)."""
+    products = [getattr(layer, name) for layer in model.layers for name in ("wqkv", "wo", "w13", "w2")]
+    products.append(model.output)
+    for product in products:
+        product.forward = lambda x, out=torch.zeros(1, 1, product.out_features): out
+    try:
+        tokens_per_s = median_seconds(lambda: decode_tokens_per_second(model, prompt, new), args.repeats, result=True)
+    finally:
+        for product in products:
+            del product.forward
+    caches = [KVCache(8) for _ in model.layers]
+    model(torch.tensor([[1, 2]]), kv_caches=caches)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        model(torch.tensor([[3]]), kv_caches=caches, start_pos=2)
+    calls = sum(1 for event in profile.events() if event.cpu_parent is None and event.name.startswith("aten::"))
+    return 1e3 / tokens_per_s, calls
+
+
 def decode_child(spec: dict, args: argparse.Namespace) -> dict:
     """Runs in a child process: load (or make) the model, quantize it if asked, decode; report peak RSS."""
-    model = prepare_for_decoding(base_model(args).eval(), None if spec["quantize"] == "fp32" else "int8")
+    model = prepare_for_decoding(base_model(args).eval(), None if spec["quantize"] == "fp32" else spec["quantize"])
     gc.collect()
     with torch.inference_mode():
         model.generate(torch.tensor([[1]]), spec["new"], temperature=0.0)
@@ -143,9 +186,10 @@ def decode_child(spec: dict, args: argparse.Namespace) -> dict:
             "weight_mb": weight_megabytes(model)}
 
 
-def llama2c_rows(ours: Llama, fp32_speed: float, int8_speed: float, new: int, args: argparse.Namespace) -> list[tuple]:
+def llama2c_rows(ours: Llama, speeds: dict[str, tuple[float, int]], new: int, args: argparse.Namespace) -> list[tuple]:
     """llama2.c's run.c (fp32) and runq.c (int8, Q8_0 groups of 64) on the same weights, built here with
-    -Ofast -fopenmp -march=native and exported by its own export.py; both print the speed they achieved."""
+    -Ofast -fopenmp -march=native and exported by its own export.py; both print the speed they achieved, the
+    median of --repeats runs at their best thread count."""
     import tempfile
 
     source = os.path.abspath(args.llama2c)
@@ -167,13 +211,15 @@ def llama2c_rows(ours: Llama, fp32_speed: float, int8_speed: float, new: int, ar
         v0, q80 = os.path.join(work, "v0.bin"), os.path.join(work, "q80.bin")
         subprocess.run([sys.executable, "-c", export, checkpoint, v0, q80], cwd=source, check=True,
                        capture_output=True)
-        speeds = {}
-        for program, weights in (("run", v0), ("runq", q80)):
-            runs = [llama2c_speed(os.path.join(work, program), weights, source, new, args.threads)
-                    for _ in range(args.repeats)]
-            speeds[program] = statistics.median(runs)
-    return [("greedy decode fp32, tok/s (vs llama2.c run.c)", fp32_speed, speeds["run"], "llama2.c: achieved tok/s"),
-            ("greedy decode int8, tok/s (vs llama2.c runq.c Q8_0)", int8_speed, speeds["runq"], "llama2.c: achieved tok/s")]
+        theirs = {program: best_thread_count(lambda threads: statistics.median(
+                      llama2c_speed(os.path.join(work, program), weights, source, new, threads)
+                      for _ in range(args.repeats)), args)
+                  for program, weights in (("run", v0), ("runq", q80))}
+    at = lambda speed: f"{speed[1]} thread{'s' if speed[1] > 1 else ''}"
+    return [(f"greedy decode {q}, tok/s (vs llama2.c {name})", speeds[q][0], theirs[program][0],
+             f"{at(speeds[q])} vs {at(theirs[program])}; llama2.c: achieved tok/s")
+            for q, program, name in (("fp32", "run", "run.c"), ("int8", "runq", "runq.c Q8_0"),
+                                     ("fp16", "run", "run.c fp32"))]
 
 
 def llama2c_speed(program: str, weights: str, source: str, new: int, threads: int) -> float:
@@ -332,6 +378,8 @@ def main() -> None:
     parser.add_argument("--llama2c", metavar="DIR", default=None,
                         help="a llama2.c checkout (run.c, runq.c, export.py, model.py, tokenizer.bin): build it and "
                              "time its fp32 and int8 decoding beside ours on the same weights")
+    parser.add_argument("--decode", action="store_true",
+                        help="only the decoding speeds and their per-token budget (with --llama2c: minutes, not 45)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -343,7 +391,7 @@ def main() -> None:
     shape = "checkpoint " + args.checkpoint if args.checkpoint else ("tiny random" if args.quick else "stories42M shape, random weights")
     print(f"minLlama2 vs transformers: {shape}, {args.dtype} training and scoring, {args.threads} threads, "
           f"median of {args.repeats}")
-    rows = bench_inference(args) + bench_training(args) + bench_sst(args)
+    rows = bench_inference(args) if args.decode else bench_inference(args) + bench_training(args) + bench_sst(args)
     print("\n| measure | minLlama2 | peer | ratio | note |\n| --- | ---: | ---: | ---: | --- |")
     for name, ours, theirs, note in rows:
         better_when_lower = "lower is better" in name

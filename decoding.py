@@ -1,8 +1,8 @@
-"""The weights laid out for generating text (`--option generate`), with int8 as an option (`--quantize int8`),
-and the timed generation that the CLI and bench.py share.
+"""The model laid out for generating text (`--option generate`): Decoder, with fp32, int8 or fp16 weights
+(`--quantize int8|fp16`), and the timed generation that the CLI and bench.py share.
 
 Decoding one token reads every weight matrix once and does two flops per weight, so its speed is the speed of
-reading the weights. Two things make that reading faster:
+reading the weights, plus the cost of every small operation around the products. Decoder keeps both low:
 - Layout. nn.Linear keeps a weight as (out, in) and multiplies by its transpose; for a single row of input,
   MKL's product with the weight stored (in, out) reads it about 1.5x faster on this project's CPUs (measured:
   a stories42M token's products take 20-22 ms against 29-34 ms, the 32000 x 512 output matrix 5.4-6.3 ms
@@ -13,7 +13,15 @@ reading the weights. Two things make that reading faster:
   which takes bf16 activations (fp32 ones take it 4x longer, measured). The kernel gives wrong sums, or crashes,
   when a row's length is not a multiple of its vector block (torch 2.13 on AVX2: 172 and 100 fail, multiples of
   8 pass), so it only gets rows of a multiple of 32. Elsewhere, and on other devices, the rows are dequantized
-  to the activations' dtype for each product: slower, never different.
+  to the activations' dtype for each product: slower, never different. Fp16Linear keeps each weight in half
+  precision (off by at most 2^-11 of itself, half the bytes) and multiplies in fbgemm's fp16-weight kernel
+  with fp32 activations and sums, which needs AVX2, not the AVX512-FP16 that half-precision arithmetic would.
+- Fewer operations. A step of one token spends a few microseconds on every operator call whatever its size, so
+  each layer of Decoder does one product for queries, keys and values together and one for the gate and up
+  projections together (the matrices concatenated at load, the queries' already divided by sqrt(head_dim)),
+  normalises in five small kernels, rotates queries and keys in one multiplication, and attends a single
+  query with two small products, not scaled_dot_product_attention's general kernel (about 40 us a call on
+  this CPU, for a few hundred flops).
 The token embeddings read their rows from the output matrix's new form when the two are tied (stored once).
 """
 import time
@@ -23,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import Llama
+from config import LlamaConfig
+from llama import Generation, KVCache, Llama, LlamaLayer, attention_mask
+from rope import rotate
 
 
 class TransposedLinear(nn.Module):
@@ -31,6 +41,7 @@ class TransposedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
+        self.out_features, self.in_features = weight.shape
         self.register_buffer("weight_t", weight.detach().t().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +88,44 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
 
 
+class Fp16Linear(nn.Module):
+    """A bias-free linear layer for inference, its weight (out, in) in half precision. On the CPU the products
+    run in fbgemm's kernel from a packed copy; `rows` keeps the plain half-precision matrix too, for an
+    embedding table that reads it, and `products=False` keeps only that."""
+
+    def __init__(self, weight: torch.Tensor, rows: bool = False, products: bool = True):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        half = weight.detach().half()
+        self.packed = None
+        if products and half.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
+            self.packed = torch.ops.quantized.linear_prepack_fp16(half.float(), None)
+        self.packed_bytes = 0 if self.packed is None else half.numel() * half.element_size()
+        self.register_buffer("weight", half if rows or self.packed is None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self.packed)
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.weight[indices].float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp16"
+
+
+def decoding_linear(weight: torch.Tensor, quantize: Optional[str], rows: bool = False,
+                    products: bool = True) -> nn.Module:
+    """The decoding form of a bias-free weight (out, in); rows/products say what it will be used for."""
+    if quantize == "int8":
+        return Int8Linear(weight)
+    if quantize == "fp16":
+        return Fp16Linear(weight, rows=rows, products=products)
+    return TransposedLinear(weight)
+
+
 class TableEmbedding(nn.Module):
     """Token embeddings read from the rows of a TransposedLinear or an Int8Linear."""
 
@@ -88,22 +137,98 @@ class TableEmbedding(nn.Module):
         return self.table.rows(tokens)
 
 
-def prepare_for_decoding(model: Llama, quantize: Optional[str] = None) -> Llama:
-    """Replace, in place, every nn.Linear of the model (all bias-free) by a TransposedLinear, or by an Int8Linear
-    with quantize="int8", and the token embeddings by rows of the output matrix's new form (or of their own, when
-    untied). Each float matrix is freed once replaced. The model is for inference only from then on."""
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-    kind = Int8Linear if quantize == "int8" else TransposedLinear
-    embeddings = None if model.tied_embeddings else model.tok_embeddings.weight
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear):
-            model.set_submodule(name, kind(module.weight))
-    model.tok_embeddings = TableEmbedding(model.output if embeddings is None else kind(embeddings))
-    return model
+class DecoderLayer(nn.Module):
+    """A LlamaLayer for inference: its weights in a decoding form, wq|wk|wv and w1|w3 each one matrix."""
+
+    def __init__(self, layer: LlamaLayer, config: LlamaConfig, quantize: Optional[str]):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        attention, feed_forward = layer.attention, layer.feed_forward
+        self.attention_norm, self.ffn_norm = layer.attention_norm.weight, layer.ffn_norm.weight
+        self.eps = torch.tensor(config.norm_eps, device=self.ffn_norm.device)
+        # the queries come out already divided by sqrt(head_dim), as attention wants them: one operation less
+        query_weight = attention.wq.weight * self.head_dim ** -0.5
+        self.wqkv = decoding_linear(torch.cat([query_weight, attention.wk.weight, attention.wv.weight]), quantize)
+        self.wo = decoding_linear(attention.wo.weight, quantize)
+        self.w13 = decoding_linear(torch.cat([feed_forward.w1.weight, feed_forward.w3.weight]), quantize)
+        self.w2 = decoding_linear(feed_forward.w2.weight, quantize)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: Optional[KVCache],
+                start_pos: int) -> torch.Tensor:
+        batch_size, seqlen, _ = x.shape
+        n_heads, n_kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(rms_norm(x, self.attention_norm, self.eps))  # (batch, seqlen, (n_heads + 2 n_kv_heads) head_dim)
+        query_key = rotate(qkv[..., :(n_heads + n_kv_heads) * head_dim].unflatten(-1, (-1, head_dim)), freqs_cis)
+        query, key = query_key.transpose(1, 2).split([n_heads, n_kv_heads], dim=1)  # (batch, heads, seqlen, hd)
+        value = qkv[..., (n_heads + n_kv_heads) * head_dim:].unflatten(-1, (n_kv_heads, head_dim)).transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, start_pos)
+        if seqlen == 1:
+            # one query per head: each group of n_heads // n_kv_heads query heads against its key/value head, as
+            # 3-d products over (batch * n_kv_heads), which read the cache where it is (4-d ones copy it first)
+            key, value = key.flatten(0, 1), value.flatten(0, 1)  # (batch * n_kv_heads, positions, head_dim)
+            scores = torch.bmm(query.reshape(batch_size * n_kv_heads, -1, head_dim), key.transpose(1, 2))
+            out = torch.bmm(scores.softmax(dim=-1), value)  # (batch * n_kv_heads, group, head_dim)
+        else:
+            mask, is_causal = attention_mask(seqlen, start_pos, None, True, x.device)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=1.0,
+                                                 enable_gqa=n_kv_heads != n_heads).transpose(1, 2)
+        x = x + self.wo(out.reshape(batch_size, seqlen, n_heads * head_dim))
+        gate, up = self.w13(rms_norm(x, self.ffn_norm, self.eps)).chunk(2, dim=-1)
+        return x + self.w2(F.silu(gate) * up)
 
 
-def timed_generation(llama: Llama, idx: torch.Tensor, max_new_tokens: int, temperature: float,
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight in five small kernels: F.rms_norm runs about a dozen on the CPU (36 us
+    a call against 12, measured). eps is a tensor: a Python number would be made one at every call (a copy)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * torch.addcmul(eps, norm, norm, value=1 / x.shape[-1]).rsqrt_() * weight
+
+
+class Decoder(nn.Module, Generation):
+    """A Llama for generating text: the same outputs from fewer, faster operations (see the top of this
+    file). Called like Llama, (tokens, kv_caches, start_pos) -> (logits, hidden states), without padding."""
+
+    def __init__(self, model: Llama, quantize: Optional[str] = None):
+        super().__init__()
+        if quantize not in (None, "int8", "fp16"):
+            raise ValueError(f"quantize must be None, 'int8' or 'fp16', got {quantize!r}")
+        self.config = model.config
+        tied = model.tied_embeddings
+        self.layers = nn.ModuleList()
+        for i in range(len(model.layers)):
+            layer, model.layers[i] = model.layers[i], nn.Identity()  # each float layer is freed once converted
+            self.layers.append(DecoderLayer(layer, model.config, quantize))
+        self.norm = model.norm.weight
+        self.eps = torch.tensor(model.config.norm_eps, device=self.norm.device)
+        self.output = decoding_linear(model.output.weight, quantize, rows=tied)
+        table = self.output if tied else decoding_linear(model.tok_embeddings.weight, quantize, rows=True,
+                                                         products=False)
+        model.output = model.tok_embeddings = nn.Identity()
+        self.tok_embeddings = TableEmbedding(table)
+        self.freqs_cis = model.freqs_cis  # (max_seq_len, head_dim // 2) complex64, where the weights are
+
+    def forward(self, tokens: torch.Tensor, kv_caches: Optional[list[KVCache]] = None, start_pos: int = 0,
+                all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (batch, seqlen) at positions start_pos.. -> (logits (batch, 1 or seqlen, vocab), hidden states)."""
+        seqlen = tokens.shape[1]
+        if start_pos + seqlen > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + seqlen} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs_cis, kv_caches[i] if kv_caches else None, start_pos)
+        h = rms_norm(h, self.norm, self.eps)
+        return self.output(h if all_logits else h[:, -1:]), h
+
+
+def prepare_for_decoding(model: Llama, quantize: Optional[str] = None) -> Decoder:
+    """The Decoder of model, with fp32 weights or quantize="int8" / "fp16". It takes the weights out of model,
+    which is left without them: the float matrices are freed as they are converted."""
+    return Decoder(model, quantize)
+
+
+def timed_generation(llama: Generation, idx: torch.Tensor, max_new_tokens: int, temperature: float,
                      top_k: Optional[int] = None, top_p: Optional[float] = None) -> tuple[torch.Tensor, int, float]:
     """The prompt and its continuation, and the decoding steps' count and seconds: the clock starts once the
     first new token (the prefill's) exists."""
@@ -119,4 +244,5 @@ def timed_generation(llama: Llama, idx: torch.Tensor, max_new_tokens: int, tempe
 
 def weight_megabytes(model: nn.Module) -> float:
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # a tied matrix counts once
-    return sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
+    packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())  # fbgemm's copies are no tensors
+    return (sum(t.numel() * t.element_size() for t in tensors.values()) + packed) / 1e6

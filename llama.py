@@ -117,7 +117,48 @@ class LlamaLayer(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Llama(LlamaPreTrainedModel):
+class Generation:
+    """generate and new_tokens, for a model whose call (tokens, kv_caches=..., start_pos=...) returns
+    (logits, hidden_states) like Llama's: Llama itself, and decoding.Decoder, its layout for decoding."""
+    config: LlamaConfig
+
+    @torch.inference_mode()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, use_cache: bool = True) -> torch.Tensor:
+        """Extend idx (batch, seqlen) by up to max_new_tokens tokens; stop early at max_seq_len.
+
+        temperature 0 is greedy; otherwise sample from softmax(logits / temperature), optionally only
+        among the top_k tokens or the smallest set whose probability reaches top_p. With the cache each
+        new token costs one position; use_cache=False recomputes the whole sequence (the reference).
+        """
+        new_tokens = self.new_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache)
+        return torch.cat([idx, *new_tokens], dim=1)
+
+    @torch.inference_mode()
+    def new_tokens(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                   top_k: Optional[int] = None, top_p: Optional[float] = None,
+                   use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """generate's tokens one at a time, (batch, 1) each, as they are made: the first comes from the
+        prompt's forward pass (the prefill), each later one from one decoding step."""
+        prompt_len = idx.shape[1]
+        n_new = max(0, min(max_new_tokens, self.config.max_seq_len - prompt_len))
+        if n_new == 0:
+            return
+        caches = [KVCache(prompt_len + n_new) for _ in range(self.config.n_layers)] if use_cache else None
+        logits, _ = self(idx, kv_caches=caches)
+        for step in range(n_new):
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (batch, 1)
+            yield next_token
+            if step == n_new - 1:
+                break
+            if use_cache:
+                logits, _ = self(next_token, kv_caches=caches, start_pos=prompt_len + step)
+            else:
+                idx = torch.cat([idx, next_token], dim=1)
+                logits, _ = self(idx)
+
+
+class Llama(LlamaPreTrainedModel, Generation):
     def __init__(self, config: LlamaConfig, tied_embeddings: bool = True):
         super().__init__(config)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
@@ -186,41 +227,6 @@ class Llama(LlamaPreTrainedModel):
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, mask, is_causal, kv_caches[i] if kv_caches else None, start_pos)
         return self.norm(h)
-
-    @torch.inference_mode()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, use_cache: bool = True) -> torch.Tensor:
-        """Extend idx (batch, seqlen) by up to max_new_tokens tokens; stop early at max_seq_len.
-
-        temperature 0 is greedy; otherwise sample from softmax(logits / temperature), optionally only
-        among the top_k tokens or the smallest set whose probability reaches top_p. With the cache each
-        new token costs one position; use_cache=False recomputes the whole sequence (the reference).
-        """
-        new_tokens = self.new_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache)
-        return torch.cat([idx, *new_tokens], dim=1)
-
-    @torch.inference_mode()
-    def new_tokens(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                   top_k: Optional[int] = None, top_p: Optional[float] = None,
-                   use_cache: bool = True) -> Iterator[torch.Tensor]:
-        """generate's tokens one at a time, (batch, 1) each, as they are made: the first comes from the
-        prompt's forward pass (the prefill), each later one from one decoding step."""
-        prompt_len = idx.shape[1]
-        n_new = max(0, min(max_new_tokens, self.config.max_seq_len - prompt_len))
-        if n_new == 0:
-            return
-        caches = [KVCache(prompt_len + n_new) for _ in self.layers] if use_cache else None
-        logits, _ = self(idx, kv_caches=caches)
-        for step in range(n_new):
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (batch, 1)
-            yield next_token
-            if step == n_new - 1:
-                break
-            if use_cache:
-                logits, _ = self(next_token, kv_caches=caches, start_pos=prompt_len + step)
-            else:
-                idx = torch.cat([idx, next_token], dim=1)
-                logits, _ = self(idx)
 
 
 def attention_mask(seqlen: int, start_pos: int, padding_mask: Optional[torch.Tensor], causal: bool,

@@ -1,7 +1,7 @@
 """minLlama2's one entry point.
 
   --option generate   continue a prompt (greedy and T=1), write generated-sentence-temp-{0,1}.txt;
-                      --quantize int8 decodes with int8 weights
+                      --quantize int8|fp16 decodes with int8 or fp16 weights
   --option prompt     zero-shot classification: score each label name as the prompt's continuation
   --option finetune   train the whole model with a classification head
   --option lora       train LoRA adapters and the head; the base model stays frozen
@@ -142,9 +142,9 @@ def add_generation_flags(gen: argparse._ArgumentGroup) -> None:
                      help="greedy output (default: generated-sentence-temp-0.txt)")
     gen.add_argument("--generated_sentence_high_temp_out",
                      help="sampled output (default: generated-sentence-temp-1.txt, or -<T>.txt for --temperature T)")
-    gen.add_argument("--quantize", choices=("int8",), default=None,
-                     help="decode with int8 weights (one scale per row), quantized when loading: a quarter of the "
-                          "bytes to read per token. After each generation a line gives the decoding speed, "
+    gen.add_argument("--quantize", choices=("int8", "fp16"), default=None,
+                     help="decode with int8 weights (one scale per row: a quarter of the bytes to read per token) "
+                          "or fp16 weights (half the bytes, nearly lossless), converted when loading. After each generation a line gives the decoding speed, "
                           "'decode: <n> new tokens in <s> s, <x> tok/s'; it leaves out the prompt's forward pass "
                           "and the first new token, which comes with it")
 
@@ -338,9 +338,9 @@ def export_settings(args: argparse.Namespace) -> Settings:
 def generate(settings: Settings, runtime: Runtime) -> None:
     generation = settings.generation
     llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device)
-    prepare_for_decoding(llama.eval(), generation.quantize)
+    llama = prepare_for_decoding(llama.eval(), generation.quantize)
     if generation.quantize:
-        print(f"quantized the weights to int8 ({weight_megabytes(llama):.1f} MB)")
+        print(f"quantized the weights to {generation.quantize} ({weight_megabytes(llama):.1f} MB)")
     prompt_ids = tokenizer.encode(generation.prompt, bos=True, eos=False)
     room = llama.config.max_seq_len - 1
     if len(prompt_ids) > room:

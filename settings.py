@@ -26,7 +26,7 @@ class GenerationSettings:
     max_new_tokens: int
     top_k: Optional[int]
     top_p: Optional[float]
-    quantize: Optional[str]  # None or "int8"
+    quantize: Optional[str]  # None, "int8" or "fp16"
     runs: tuple[GenerationRun, ...]  # the assignment's pair (T = 0 and 1), or one --temperature
 
 

@@ -18,11 +18,12 @@ def test_quick_bench_prints_the_whole_table():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     names = " ".join(rows)
-    for measure in ("greedy decode fp32", "greedy decode int8", "resident MB while decoding", "prefill",
+    for measure in ("greedy decode fp32", "greedy decode int8", "greedy decode fp16", "everything but the products",
+                    "resident MB while decoding", "prefill",
                     "full fine-tuning 8 x 16", "LoRA r=4 q/k/v/o 8 x 16", "peak RSS", "one SST train epoch",
                     "zero-shot SST dev"):
         assert measure in names
-    assert len(rows) == 1 + 5 + 4 + 2
+    assert len(rows) == 1 + 9 + 4 + 2
     assert "16/16 greedy tokens identical" in result.stdout
 
 

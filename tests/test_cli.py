@@ -73,16 +73,18 @@ def test_free_prompt_with_temperature(tmp_path):
     assert text.startswith("Once upon a time, there was a little girl")
 
 
-def test_quantized_generation_writes_its_story_and_both_runs_report_their_decoding_speed(tmp_path, capsys):
+def test_quantized_generation_writes_its_story_and_every_run_reports_its_decoding_speed(tmp_path, capsys):
     common = ["--option", "generate", *model_flags(), "--prompt", "Once upon a time", "--temperature", "0",
               "--max_new_tokens", "40"]
     run(common, tmp_path)
-    run(common + ["--quantize", "int8", "--generated_sentence_low_temp_out", "int8.txt"], tmp_path)
+    for quantize in ("int8", "fp16"):
+        run(common + ["--quantize", quantize, "--generated_sentence_low_temp_out", f"{quantize}.txt"], tmp_path)
     out = capsys.readouterr().out
     speeds = [line for line in out.splitlines() if line.startswith("decode: ")]
-    assert len(speeds) == 2 and all(re.fullmatch(r"decode: 39 new tokens in [\d.]+ s, [\d.]+ tok/s", s) for s in speeds)
-    assert "quantized the weights to int8" in out
-    assert (tmp_path / "int8.txt").read_text()[:60] == (tmp_path / "generated-sentence-temp-0.txt").read_text()[:60]
+    assert len(speeds) == 3 and all(re.fullmatch(r"decode: 39 new tokens in [\d.]+ s, [\d.]+ tok/s", s) for s in speeds)
+    assert "quantized the weights to int8" in out and "quantized the weights to fp16" in out
+    for quantize in ("int8", "fp16"):
+        assert (tmp_path / f"{quantize}.txt").read_text()[:60] == (tmp_path / "generated-sentence-temp-0.txt").read_text()[:60]
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_and_still_generates(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,6 @@
-"""The decoding layouts: the transposed fp32 model computes what the model computes; int8 products against their
-dequantized weights, and the int8 model against the float one on stories260K (greedy text, next-token agreement
-and log-probabilities over real sentences)."""
+"""The decoding layouts: the fp32 Decoder computes what the model computes (logits, greedy text, with and without
+the cache); int8 and fp16 products against their dequantized weights, and the int8 and fp16 models against the
+float one on stories260K (greedy text, next-token agreement and log-probabilities over real sentences)."""
 import copy
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from conftest import STORIES260K, TOK512, asset, tiny_config
 from llama import Llama, load_pretrained
-from decoding import Int8Linear, TransposedLinear, prepare_for_decoding, quantize_rows
+from decoding import Fp16Linear, Int8Linear, TransposedLinear, prepare_for_decoding, quantize_rows, weight_megabytes
 from tokenizer import Tokenizer
 
 
@@ -44,28 +44,43 @@ def test_the_fp16_fallback_cannot_overflow_where_the_float_product_does_not():
     torch.testing.assert_close(out.float(), x @ weight.t(), rtol=2e-2, atol=0.2)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_the_transposed_layout_computes_what_the_model_computes(tied):
+@pytest.mark.parametrize("packed", [True, False], ids=["fbgemm", "elsewhere"])
+def test_fp16_linear_is_the_product_with_its_half_precision_weight(packed):
     torch.manual_seed(0)
-    model = Llama(tiny_config(), tied_embeddings=tied).eval()
+    weight = torch.randn(96, 64) * 0.05
+    layer = Fp16Linear(weight, products=packed, rows=not packed)
+    assert (layer.packed is not None) == packed and (layer.weight is None) == packed
+    x = torch.randn(2, 3, 64)
+    out = layer(x)
+    assert out.shape == (2, 3, 96) and out.dtype == torch.float32
+    torch.testing.assert_close(out, x @ weight.half().float().t(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_fp32_decoder_computes_what_the_model_computes(tied):
+    torch.manual_seed(0)
+    model = Llama(tiny_config(), tied_embeddings=tied).eval()  # grouped-query attention: 4 heads, 2 kv heads
     prepared = prepare_for_decoding(copy.deepcopy(model))
-    assert all(isinstance(m, TransposedLinear) for m in (prepared.output, prepared.layers[0].attention.wq))
+    assert all(isinstance(m, TransposedLinear) for m in (prepared.output, prepared.layers[0].wqkv))
     assert (prepared.tok_embeddings.table is prepared.output) == tied
     tokens = torch.randint(0, 97, (2, 9))
     with torch.inference_mode():
         torch.testing.assert_close(prepared(tokens, all_logits=True)[0], model(tokens, all_logits=True)[0])
-        assert torch.equal(prepared.generate(tokens[:, :3], 20, temperature=0.0),
-                           model.generate(tokens[:, :3], 20, temperature=0.0))
+        expected = model.generate(tokens[:, :3], 20, temperature=0.0)
+        assert torch.equal(prepared.generate(tokens[:, :3], 20, temperature=0.0), expected)
+        assert torch.equal(prepared.generate(tokens[:, :3], 20, temperature=0.0, use_cache=False), expected)
 
 
 @pytest.fixture(scope="module")
 def models():
     model = load_pretrained(asset(STORIES260K)).eval()
-    return model, prepare_for_decoding(copy.deepcopy(model), "int8"), Tokenizer(asset(TOK512))
+    prepared = {q: prepare_for_decoding(copy.deepcopy(model), q) for q in ("int8", "fp16")}
+    return model, prepared, Tokenizer(asset(TOK512))
 
 
 def test_the_tied_matrix_is_stored_once_at_a_quarter_of_the_bytes(models):
-    model, quantized, _ = models
+    model, prepared, _ = models
+    quantized = prepared["int8"]
     assert quantized.tok_embeddings.table is quantized.output and isinstance(quantized.output, Int8Linear)
     floats = sum(p.numel() for p in model.parameters() if p.dim() == 2)
     int8s = sum(b.numel() for name, b in quantized.named_buffers() if name.endswith("weight") and b.dim() == 2)
@@ -73,23 +88,37 @@ def test_the_tied_matrix_is_stored_once_at_a_quarter_of_the_bytes(models):
     assert all(b.dtype == torch.int8 for name, b in quantized.named_buffers() if name.endswith("weight") and b.dim() == 2)
 
 
-def test_int8_greedy_text_keeps_the_first_120_characters_of_fp32(models):
-    model, quantized, tokenizer = models
+def test_fp16_weights_take_half_the_bytes_and_the_tied_table_its_rows_once_more(models):
+    model, prepared, _ = models
+    half = prepared["fp16"]
+    assert half.tok_embeddings.table is half.output and isinstance(half.output, Fp16Linear)
+    floats = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    rows = half.output.weight.numel()  # the embedding table reads a plain copy beside fbgemm's packed one
+    assert weight_megabytes(half) * 1e6 == pytest.approx(2 * (floats + rows) + 4 * model.config.dim * (2 * model.config.n_layers + 1))
+
+
+@pytest.mark.parametrize("quantize", ["int8", "fp16"])
+def test_quantized_greedy_text_keeps_the_first_120_characters_of_fp32(models, quantize):
+    model, prepared, tokenizer = models
     prompt = torch.tensor([tokenizer.encode("Once upon a time", bos=True, eos=False)])
     text = lambda m: tokenizer.decode(m.generate(prompt, 80, temperature=0.0)[0].tolist())
-    assert text(quantized)[:120] == text(model)[:120]
+    assert text(prepared[quantize])[:120] == text(model)[:120]
 
 
 @torch.inference_mode()
-def test_int8_next_tokens_agree_with_fp32_and_log_probabilities_stay_close(models):
+@pytest.mark.parametrize("quantize, min_agreement, max_mean_change", [("int8", 0.97, 0.1), ("fp16", 0.995, 0.005)])
+def test_next_tokens_agree_with_fp32_and_log_probabilities_stay_close(models, quantize, min_agreement,
+                                                                       max_mean_change):
     """Over 100 real sentences (SST dev), teacher-forced: the most likely next token agrees at >= 97% of
-    positions, and the log-probability of the token that comes next moves by 0.1 nats on average at most.
+    positions (int8) or 99.5% (fp16), and the log-probability of the token that comes next moves by 0.1 (int8)
+    or 0.005 nats (fp16) on average at most.
 
-    Why that bound: log-softmax moves by at most twice the largest logit change (|d log p_i| <= |d z_i| +
-    |d logsumexp z| <= 2 max|d z|), checked below at every position, and the logits move by the int8 rounding
-    (half a step per weight: 1/254 of the row's largest weight) plus the bf16 rounding of activations (2^-9)
-    through five layers; measured here 0.054 nats on average, 0.85 at worst."""
-    model, quantized, tokenizer = models
+    Why those bounds: log-softmax moves by at most twice the largest logit change (|d log p_i| <= |d z_i| +
+    |d logsumexp z| <= 2 max|d z|), checked below at every position, and the logits move by the weights'
+    rounding through five layers: int8, half a step per weight (1/254 of the row's largest weight) plus the bf16
+    rounding of activations (2^-9), measured 0.054 nats on average, 0.85 at worst; fp16, 2^-11 of each weight
+    with fp32 activations, measured 0.0015 on average, 0.02 at worst."""
+    model, prepared, tokenizer = models
     with open(asset("data/sst-dev.txt"), encoding="utf-8") as f:
         sentences = [line.split("|||", 1)[1].strip() for line in f.readlines()[:100]]
     agree = positions = 0
@@ -97,7 +126,7 @@ def test_int8_next_tokens_agree_with_fp32_and_log_probabilities_stay_close(model
     for sentence in sentences:
         ids = torch.tensor([tokenizer.encode(sentence, bos=True, eos=False)])
         exact = model(ids, all_logits=True)[0][0]
-        approx = quantized(ids, all_logits=True)[0][0].float()
+        approx = prepared[quantize](ids, all_logits=True)[0][0].float()
         agree += int((exact.argmax(-1) == approx.argmax(-1)).sum())
         positions += ids.shape[1]
         log_p, log_q = exact.log_softmax(-1), approx.log_softmax(-1)
@@ -105,5 +134,5 @@ def test_int8_next_tokens_agree_with_fp32_and_log_probabilities_stay_close(model
         assert ((log_p - log_q).abs() <= 2 * largest_logit_change + 1e-5).all()
         next_ids = ids[0, 1:, None]
         next_token_changes.append((log_p[:-1].gather(1, next_ids) - log_q[:-1].gather(1, next_ids)).abs().flatten())
-    assert agree / positions >= 0.97, f"{agree}/{positions}"
-    assert torch.cat(next_token_changes).mean() <= 0.1
+    assert agree / positions >= min_agreement, f"{agree}/{positions}"
+    assert torch.cat(next_token_changes).mean() <= max_mean_change

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import run_llama
-from llama import Llama
+from llama import Generation
 from conftest import STORIES260K, TOK512, asset
 
 SENTINEL = "previous results\n"
@@ -218,8 +218,8 @@ def test_windows_line_endings_are_accepted(tmp_path, monkeypatch):
 def test_a_prompt_longer_than_the_window_is_cut_from_the_left_keeping_the_start_token(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     prompts = []
-    new_tokens = Llama.new_tokens
-    monkeypatch.setattr(Llama, "new_tokens", lambda self, idx, *a, **k: prompts.append(idx) or new_tokens(self, idx, *a, **k))
+    new_tokens = Generation.new_tokens  # the loop that Llama and decoding.Decoder share
+    monkeypatch.setattr(Generation, "new_tokens", lambda self, idx, *a, **k: prompts.append(idx) or new_tokens(self, idx, *a, **k))
     argv = ["--pretrained-model-path", asset(STORIES260K), "--tokenizer", asset(TOK512), "--temperature", "0",
             "--prompt", "word " * 600, "--max_new_tokens", "5"]
     assert run_llama.main(argv) == 0
