@@ -4,9 +4,11 @@
   .venv/bin/python bench.py --quick         # tiny sizes: a smoke run, the numbers mean nothing
   .venv/bin/python bench.py --checkpoint stories260K.pt --tokenizer tok512.model
   .venv/bin/python bench.py --dtype bf16 --llama2c ../shared/llama2c   # bf16 training; llama2.c decode rows
+  .venv/bin/python bench.py --decode --llama2c ../shared/llama2c        # the decoding rows alone (minutes)
 
-Prints one table: greedy decode (fp32 and int8) and prefill throughput, decoding memory, full fine-tuning and
-LoRA step time and peak memory (each in its own child process, so that peak RSS is its own), optionally
+Prints one table: greedy decode (fp32, int8 and fp16, each side at its best thread count up to --threads) and
+what a decoding step spends besides its products, prefill throughput, decoding memory, full fine-tuning and
+LoRA step time and peak memory (each in its own child process, so that speed and peak RSS are its own), optionally
 llama2.c's run.c and runq.c on the same weights (--llama2c DIR), and end-to-end time of one SST
 training epoch and of zero-shot scoring of SST dev on the real data files. Each timing is the median of
 --repeats runs after a warm-up, except the SST epoch and the zero-shot scoring, which run once (minutes each).
@@ -104,39 +106,36 @@ def decode_tokens_per_second(model: Decoder, prompt: torch.Tensor, new: int) -> 
 def bench_inference(args: argparse.Namespace) -> list[tuple]:
     ours = base_model(args).eval()
     theirs = to_transformers(ours, attn_implementation="sdpa")
-    decoders = {q: prepare_for_decoding(copy.deepcopy(ours), None if q == "fp32" else q) for q in ("fp32", "int8", "fp16")}
     vocab = ours.config.vocab_size
     prompt = torch.tensor([[1]])  # <s>: the decoding steps are the whole run
     new = 16 if args.quick else 256
     their_generate = lambda: theirs.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                              pad_token_id=0)
-    our_tokens, their_tokens = decoders["fp32"].generate(prompt, new, temperature=0.0), their_generate()
-    agree = int((our_tokens == their_tokens).all(dim=0).long().cumprod(0).sum()) - prompt.shape[1]
+    our_tokens = prepare_for_decoding(copy.deepcopy(ours)).generate(prompt, new, temperature=0.0)
+    agree = int((our_tokens == their_generate()).all(dim=0).long().cumprod(0).sum()) - prompt.shape[1]
     their_speed, their_threads = best_thread_count(lambda _: new / median_seconds(their_generate, args.repeats), args)
-    speeds = {q: best_thread_count(lambda _: median_seconds(lambda: decode_tokens_per_second(model, prompt, new),
-                                                            args.repeats, result=True), args)
-              for q, model in decoders.items()}
+    # each of our modes in a fresh process: one mode's kernels leave another's measurably slower (fbgemm's fp16
+    # before int8: 10-15% here), and a process decodes in one mode
+    decoding = {q: child_result({"mode": "decode", "quantize": q, "new": new}, args) for q in ("fp32", "int8", "fp16")}
+    speeds = {q: (result["tokens_per_s"], result["threads"]) for q, result in decoding.items()}
     at = lambda speed: f"{speed[1]} thread{'s' if speed[1] > 1 else ''}"
     rows = [("greedy decode fp32, tok/s", speeds["fp32"][0], their_speed,
              f"{agree}/{new} greedy tokens identical; {at(speeds['fp32'])} vs {their_threads}")]
     rows += [(f"greedy decode {q}, tok/s (vs transformers fp32)", speeds[q][0], their_speed, at(speeds[q]))
              for q in ("int8", "fp16")]
-    for q, model in decoders.items():
-        torch.set_num_threads(speeds[q][1])
-        besides_ms, calls = step_budget(model, prompt, new, args)
-        torch.set_num_threads(args.threads)
-        rows.append((f"decode {q}: everything but the products, ms per token (vs a 1.5 ms budget; lower is better)",
-                     besides_ms, 1.5, f"{calls} operator calls a step, {calls / ours.config.n_layers:.0f} per layer"))
+    rows += [(f"decode {q}: everything but the products, ms per token (vs a 1.5 ms budget; lower is better)",
+              result["besides_ms"], 1.5,
+              f"{result['calls']} operator calls a step, {result['calls'] / ours.config.n_layers:.0f} per layer")
+             for q, result in decoding.items()]
     if args.llama2c:
         rows += llama2c_rows(ours, speeds, new, args)
     if args.decode:
         return rows
-    memory = {q: child_result({"mode": "decode", "quantize": q, "new": new}, args) for q in ("fp32", "int8")}
-    weights = f"weights {memory['int8']['weight_mb']:.0f} vs {memory['fp32']['weight_mb']:.0f} MB"
+    weights = f"weights {decoding['int8']['weight_mb']:.0f} vs {decoding['fp32']['weight_mb']:.0f} MB"
     rows += [("greedy decode, resident MB while decoding: int8 (vs our fp32; lower is better)",
-              memory["int8"]["resident_mb"], memory["fp32"]["resident_mb"], weights),
+              decoding["int8"]["resident_mb"], decoding["fp32"]["resident_mb"], weights),
              ("greedy decode, peak RSS MB with loading: int8 (vs our fp32; lower is better)",
-              memory["int8"]["peak_mb"], memory["fp32"]["peak_mb"], "the float weights exist until quantized")]
+              decoding["int8"]["peak_mb"], decoding["fp32"]["peak_mb"], "the float weights exist until quantized")]
     batch = torch.randint(3, vocab, (10, 64))
     rows.append(("prefill 10 x 64, tok/s", batch.numel() / median_seconds(lambda: ours(batch), args.repeats),
                  batch.numel() / median_seconds(lambda: theirs(batch, logits_to_keep=1), args.repeats), ""))
@@ -175,15 +174,20 @@ def step_budget(model: Decoder, prompt: torch.Tensor, new: int, args: argparse.N
 
 
 def decode_child(spec: dict, args: argparse.Namespace) -> dict:
-    """Runs in a child process: load (or make) the model, quantize it if asked, decode; report peak RSS."""
+    """Runs in a child process: load (or make) the model in one decoding mode; its speed at its best thread count,
+    what a step spends besides its products, and its memory."""
     model = prepare_for_decoding(base_model(args).eval(), None if spec["quantize"] == "fp32" else spec["quantize"])
     gc.collect()
+    prompt = torch.tensor([[1]])
     with torch.inference_mode():
-        model.generate(torch.tensor([[1]]), spec["new"], temperature=0.0)
+        tokens_per_s, threads = best_thread_count(lambda _: median_seconds(
+            lambda: decode_tokens_per_second(model, prompt, spec["new"]), args.repeats, result=True), args)
+        torch.set_num_threads(threads)
+        besides_ms, calls = step_budget(model, prompt, spec["new"], args)
     with open("/proc/self/statm") as f:
         resident_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    return {"peak_mb": peak_rss_mb(), "resident_mb": resident_mb,
-            "weight_mb": weight_megabytes(model)}
+    return {"tokens_per_s": tokens_per_s, "threads": threads, "besides_ms": besides_ms, "calls": calls,
+            "peak_mb": peak_rss_mb(), "resident_mb": resident_mb, "weight_mb": weight_megabytes(model)}
 
 
 def llama2c_rows(ours: Llama, speeds: dict[str, tuple[float, int]], new: int, args: argparse.Namespace) -> list[tuple]:

@@ -13,6 +13,7 @@ gradients as ours to 1e-7 on the same batch: tests/test_classifier.py):
   ours               our classifier (its head is transformers': no bias, N(0, 0.02)), our AdamW, our batches
   ours-random        ... but batches drawn at random, each padded to its longest (no length buckets)
   ours-buckets50     ... but the length buckets before issue 22 (sorted within chunks of 50 batches)
+  ours-noisy         ... but each length times 1 + U(0, --length-noise) before sorting (mixes the buckets)
   ours-bias-head     ... but the head before issue 22: with a bias, nn.Linear's initialisation
   ours-torch-adamw   ... but torch.optim.AdamW with its defaults (eps 1e-8, weight decay 0.01)
   transformers       LlamaForSequenceClassification, torch.optim.AdamW, batches drawn at random
@@ -59,7 +60,7 @@ TASKS = {
     "sst5": Task("data/sst-train.txt", "data/sst-dev.txt", 5, epochs=5, lr=1e-3, batch_size=80),
     "cfimdb": Task("data/cfimdb-train.txt", "data/cfimdb-dev.txt", 2, epochs=5, lr=2e-5, batch_size=10),
 }
-VARIANTS = ["ours", "ours-random", "ours-buckets50", "ours-bias-head", "ours-torch-adamw", "transformers"]
+VARIANTS = ["ours", "ours-random", "ours-buckets50", "ours-noisy", "ours-bias-head", "ours-torch-adamw", "transformers"]
 
 
 def load(path: str, task: Task, n: int, tokenizer: Tokenizer, max_seq_len: int) -> Split:
@@ -116,14 +117,20 @@ def build(variant: str, llama: Llama, task: Task, pad_id: int, seed: int) -> tup
     return model, AdamW(params, lr=task.lr)
 
 
-def batcher(variant: str, task: Task, chunk_batches: Optional[int]) -> Callable[[list[int], torch.Generator],
-                                                                             list[list[int]]]:
+def batcher(variant: str, task: Task, args: argparse.Namespace) -> Callable[[list[int], torch.Generator],
+                                                                          list[list[int]]]:
     if variant in ("transformers", "ours-random"):
         return lambda lengths, g: random_batches(len(lengths), task.batch_size, g)
+    if variant == "ours-noisy":
+        def noisy_batches(lengths: list[int], g: torch.Generator) -> list[list[int]]:
+            noise = torch.rand(len(lengths), generator=g).tolist()
+            keys = [length * (1 + args.length_noise * u) for length, u in zip(lengths, noise)]
+            return make_batches(keys, task.batch_size, shuffle=True, generator=g, chunk_batches=args.chunk_batches)
+        return noisy_batches
     if variant == "ours-buckets50":
         return lambda lengths, g: make_batches(lengths, task.batch_size, shuffle=True, generator=g, chunk_batches=50)
     return lambda lengths, g: make_batches(lengths, task.batch_size, shuffle=True, generator=g,
-                                           chunk_batches=chunk_batches)
+                                           chunk_batches=args.chunk_batches)
 
 
 def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Split, dev: Split,
@@ -132,7 +139,7 @@ def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Sp
     seed_everything(seed)
     model, optimizer = build(variant, load_pretrained(args.checkpoint), task, pad_id, seed)
     generator = torch.Generator().manual_seed(seed)
-    make = batcher(variant, task, args.chunk_batches)
+    make = batcher(variant, task, args)
     lengths = [len(t) for t in train.token_ids]
     padded, seconds = 0, 0.0
     for _ in range(task.epochs):
@@ -163,6 +170,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk-batches", type=int, default=None,
                         help="length buckets of ours: batches per sorted chunk (default: data.make_batches')")
+    parser.add_argument("--length-noise", type=float, default=0.5, help="ours-noisy: the noise's width")
     args = parser.parse_args()
     variants = args.variants.split(",")
     for v in variants:
