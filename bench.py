@@ -118,7 +118,6 @@ def bench_inference(args: argparse.Namespace) -> list[tuple]:
     # before int8: 10-15% here), and a process decodes in one mode
     decoding = {q: child_result({"mode": "decode", "quantize": q, "new": new}, args) for q in ("fp32", "int8", "fp16")}
     speeds = {q: (result["tokens_per_s"], result["threads"]) for q, result in decoding.items()}
-    at = lambda speed: f"{speed[1]} thread{'s' if speed[1] > 1 else ''}"
     rows = [("greedy decode fp32, tok/s", speeds["fp32"][0], their_speed,
              f"{agree}/{new} greedy tokens identical; {at(speeds['fp32'])} vs {their_threads}")]
     rows += [(f"greedy decode {q}, tok/s (vs transformers fp32)", speeds[q][0], their_speed, at(speeds[q]))
@@ -140,6 +139,11 @@ def bench_inference(args: argparse.Namespace) -> list[tuple]:
     rows.append(("prefill 10 x 64, tok/s", batch.numel() / median_seconds(lambda: ours(batch), args.repeats),
                  batch.numel() / median_seconds(lambda: theirs(batch, logits_to_keep=1), args.repeats), ""))
     return rows
+
+
+def at(speed: tuple[float, int]) -> str:
+    """The thread count of a (speed, threads) pair, for a row's note."""
+    return f"{speed[1]} thread{'s' if speed[1] > 1 else ''}"
 
 
 def best_thread_count(speed: Callable[[int], float], args: argparse.Namespace) -> tuple[float, int]:
@@ -219,7 +223,6 @@ def llama2c_rows(ours: Llama, speeds: dict[str, tuple[float, int]], new: int, ar
                       llama2c_speed(os.path.join(work, program), weights, source, new, threads)
                       for _ in range(args.repeats)), args)
                   for program, weights in (("run", v0), ("runq", q80))}
-    at = lambda speed: f"{speed[1]} thread{'s' if speed[1] > 1 else ''}"
     return [(f"greedy decode {q}, tok/s (vs llama2.c {name})", speeds[q][0], theirs[program][0],
              f"{at(speeds[q])} vs {at(theirs[program])}; llama2.c: achieved tok/s")
             for q, program, name in (("fp32", "run", "run.c"), ("int8", "runq", "runq.c Q8_0"),

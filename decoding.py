@@ -127,7 +127,7 @@ def decoding_linear(weight: torch.Tensor, quantize: Optional[str], rows: bool = 
 
 
 class TableEmbedding(nn.Module):
-    """Token embeddings read from the rows of a TransposedLinear or an Int8Linear."""
+    """Token embeddings read from the rows of a TransposedLinear, an Int8Linear or an Fp16Linear."""
 
     def __init__(self, table: nn.Module):
         super().__init__()
@@ -140,12 +140,12 @@ class TableEmbedding(nn.Module):
 class DecoderLayer(nn.Module):
     """A LlamaLayer for inference: its weights in a decoding form, wq|wk|wv and w1|w3 each one matrix."""
 
-    def __init__(self, layer: LlamaLayer, config: LlamaConfig, quantize: Optional[str]):
+    def __init__(self, layer: LlamaLayer, config: LlamaConfig, quantize: Optional[str], eps: torch.Tensor):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         attention, feed_forward = layer.attention, layer.feed_forward
         self.attention_norm, self.ffn_norm = layer.attention_norm.weight, layer.ffn_norm.weight
-        self.eps = torch.tensor(config.norm_eps, device=self.ffn_norm.device)
+        self.eps = eps
         # the queries come out already divided by sqrt(head_dim), as attention wants them: one operation less
         query_weight = attention.wq.weight * self.head_dim ** -0.5
         self.wqkv = decoding_linear(torch.cat([query_weight, attention.wk.weight, attention.wv.weight]), quantize)
@@ -157,7 +157,8 @@ class DecoderLayer(nn.Module):
                 start_pos: int) -> torch.Tensor:
         batch_size, seqlen, _ = x.shape
         n_heads, n_kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(rms_norm(x, self.attention_norm, self.eps))  # (batch, seqlen, (n_heads + 2 n_kv_heads) head_dim)
+        # (batch, seqlen, (n_heads + 2 n_kv_heads) head_dim)
+        qkv = self.wqkv(rms_norm(x, self.attention_norm, self.eps))
         query_key = rotate(qkv[..., :(n_heads + n_kv_heads) * head_dim].unflatten(-1, (-1, head_dim)), freqs_cis)
         query, key = query_key.transpose(1, 2).split([n_heads, n_kv_heads], dim=1)  # (batch, heads, seqlen, hd)
         value = qkv[..., (n_heads + n_kv_heads) * head_dim:].unflatten(-1, (n_kv_heads, head_dim)).transpose(1, 2)
@@ -195,12 +196,12 @@ class Decoder(nn.Module, Generation):
             raise ValueError(f"quantize must be None, 'int8' or 'fp16', got {quantize!r}")
         self.config = model.config
         tied = model.tied_embeddings
+        self.norm = model.norm.weight
+        self.eps = torch.tensor(model.config.norm_eps, device=self.norm.device)  # one tensor for every norm
         self.layers = nn.ModuleList()
         for i in range(len(model.layers)):
             layer, model.layers[i] = model.layers[i], nn.Identity()  # each float layer is freed once converted
-            self.layers.append(DecoderLayer(layer, model.config, quantize))
-        self.norm = model.norm.weight
-        self.eps = torch.tensor(model.config.norm_eps, device=self.norm.device)
+            self.layers.append(DecoderLayer(layer, model.config, quantize, self.eps))
         self.output = decoding_linear(model.output.weight, quantize, rows=tied)
         table = self.output if tied else decoding_linear(model.tok_embeddings.weight, quantize, rows=True,
                                                          products=False)

@@ -144,9 +144,9 @@ def add_generation_flags(gen: argparse._ArgumentGroup) -> None:
                      help="sampled output (default: generated-sentence-temp-1.txt, or -<T>.txt for --temperature T)")
     gen.add_argument("--quantize", choices=("int8", "fp16"), default=None,
                      help="decode with int8 weights (one scale per row: a quarter of the bytes to read per token) "
-                          "or fp16 weights (half the bytes, nearly lossless), converted when loading. After each generation a line gives the decoding speed, "
-                          "'decode: <n> new tokens in <s> s, <x> tok/s'; it leaves out the prompt's forward pass "
-                          "and the first new token, which comes with it")
+                          "or fp16 weights (half the bytes, nearly lossless), converted when loading. After each "
+                          "generation a line gives the decoding speed, 'decode: <n> new tokens in <s> s, <x> tok/s'; "
+                          "it leaves out the prompt's forward pass and the first new token, which comes with it")
 
 
 def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
