@@ -6,17 +6,23 @@
   .venv/bin/python parity.py --task cfimdb --seeds 5 --variants ours,transformers
 
 Every variant starts from the same pretrained weights (stories260K by default) and trains with one loop: the
-loop of train.Training for one process (mean cross-entropy per batch, one optimizer step per batch), so that a
-variant differs from "ours" in exactly the one thing its name says (transformers' model computes the same
-gradients as ours to 1e-7 on the same batch: tests/test_classifier.py):
+step of train.Training for one process (train.accumulate_gradients: mean cross-entropy per batch, one optimizer
+step per batch), so that a variant differs from "ours" in exactly the one thing its name says (transformers'
+model computes the same gradients as ours to 1e-7 on the same batch: tests/test_classifier.py):
 
   ours               our classifier (its head is transformers': no bias, N(0, 0.02)), our AdamW, our batches
-  ours-random        ... but batches drawn at random, each padded to its longest (no length buckets)
-  ours-buckets50     ... but the length buckets before issue 22 (sorted within chunks of 50 batches)
-  ours-noisy         ... but each length times 1 + U(0, --length-noise) before sorting (mixes the buckets)
+                     (drawn at random, each step in micro-batches of similar lengths)
+  ours-random        ... but each batch computed whole, padded to its longest (no micro-batches)
+  ours-buckets       ... but length buckets (issue 22's first answer): the examples shuffled, sorted by length
+                     within chunks of --chunk-batches batches (default: 8, at most a quarter of the epoch)
+  ours-buckets50     ... but the length buckets before issue 22 (chunks of 50 batches)
+  ours-noisy         ... but length buckets of each length times 1 + U(0, --length-noise)
   ours-bias-head     ... but the head before issue 22: with a bias, nn.Linear's initialisation
   ours-torch-adamw   ... but torch.optim.AdamW with its defaults (eps 1e-8, weight decay 0.01)
-  transformers       LlamaForSequenceClassification, torch.optim.AdamW, batches drawn at random
+  transformers       LlamaForSequenceClassification, torch.optim.AdamW, our batches computed whole
+
+Rounds before the micro-batches (README, results/parity-*.txt from before 2026-11-29) ran with length buckets as
+ours' batches: their "ours" rows are ours-buckets here, their ours-bias-head and ours-torch-adamw rows had buckets.
 
 Reported per variant: dev accuracy after the last epoch for each seed, their mean and standard error, padded
 tokens per real token of the training batches, and training seconds per epoch. transformers is a test extra
@@ -33,12 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from classifier import build_classifier
-from data import Example, Split, make_batches, pad_batch, read_labeled_data, tokenize
+from data import Example, Split, make_batches, micro_batches, read_labeled_data, tokenize
 from evaluate import predict
 from llama import Llama, load_pretrained
 from optimizer import AdamW
 from runtime import Runtime, seed_everything
 from tokenizer import Tokenizer
+from train import accumulate_gradients, default_micro_batch
 from transformers_oracle import transformers_config, transformers_weights
 
 
@@ -60,7 +67,9 @@ TASKS = {
     "sst5": Task("data/sst-train.txt", "data/sst-dev.txt", 5, epochs=5, lr=1e-3, batch_size=80),
     "cfimdb": Task("data/cfimdb-train.txt", "data/cfimdb-dev.txt", 2, epochs=5, lr=2e-5, batch_size=10),
 }
-VARIANTS = ["ours", "ours-random", "ours-buckets50", "ours-noisy", "ours-bias-head", "ours-torch-adamw", "transformers"]
+VARIANTS = ["ours", "ours-random", "ours-buckets", "ours-buckets50", "ours-noisy", "ours-bias-head", "ours-torch-adamw",
+            "transformers"]
+WHOLE_BATCHES = ("ours-random", "ours-buckets", "ours-buckets50", "ours-noisy", "transformers")
 
 
 def load(path: str, task: Task, n: int, tokenizer: Tokenizer, max_seq_len: int) -> Split:
@@ -76,8 +85,19 @@ def load(path: str, task: Task, n: int, tokenizer: Tokenizer, max_seq_len: int) 
     return Split(path, [e.label for e in examples], [e.sentence for e in examples], token_ids)
 
 
-def random_batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    return [b.tolist() for b in torch.randperm(n, generator=generator).split(batch_size)]
+def bucket_batches(lengths: list[float], batch_size: int, generator: torch.Generator,
+                   chunk_batches: Optional[int]) -> list[list[int]]:
+    """Length buckets: the examples shuffled, cut into chunks of chunk_batches batches, each chunk sorted by length
+    and cut into batches, the batches shuffled."""
+    if chunk_batches is None:
+        chunk_batches = max(1, min(8, len(lengths) // (4 * batch_size)))
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk = batch_size * chunk_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        by_length = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 class TransformersClassifier(torch.nn.Module):
@@ -119,18 +139,16 @@ def build(variant: str, llama: Llama, task: Task, pad_id: int, seed: int) -> tup
 
 def batcher(variant: str, task: Task, args: argparse.Namespace) -> Callable[[list[int], torch.Generator],
                                                                           list[list[int]]]:
-    if variant in ("transformers", "ours-random"):
-        return lambda lengths, g: random_batches(len(lengths), task.batch_size, g)
     if variant == "ours-noisy":
         def noisy_batches(lengths: list[int], g: torch.Generator) -> list[list[int]]:
             noise = torch.rand(len(lengths), generator=g).tolist()
             keys = [length * (1 + args.length_noise * u) for length, u in zip(lengths, noise)]
-            return make_batches(keys, task.batch_size, shuffle=True, generator=g, chunk_batches=args.chunk_batches)
+            return bucket_batches(keys, task.batch_size, g, args.chunk_batches)
         return noisy_batches
-    if variant == "ours-buckets50":
-        return lambda lengths, g: make_batches(lengths, task.batch_size, shuffle=True, generator=g, chunk_batches=50)
-    return lambda lengths, g: make_batches(lengths, task.batch_size, shuffle=True, generator=g,
-                                           chunk_batches=args.chunk_batches)
+    if variant in ("ours-buckets", "ours-buckets50"):
+        chunk_batches = 50 if variant == "ours-buckets50" else args.chunk_batches
+        return lambda lengths, g: bucket_batches(lengths, task.batch_size, g, chunk_batches)
+    return lambda lengths, g: make_batches(lengths, task.batch_size, shuffle=True, generator=g)
 
 
 def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Split, dev: Split,
@@ -141,21 +159,22 @@ def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Sp
     generator = torch.Generator().manual_seed(seed)
     make = batcher(variant, task, args)
     lengths = [len(t) for t in train.token_ids]
+    cpu = Runtime(torch.device("cpu"), None)
     padded, seconds = 0, 0.0
     for _ in range(task.epochs):
         model.train()
         start = time.perf_counter()
         for indices in make(lengths, generator):
-            tokens, batch_lengths = pad_batch([train.token_ids[i] for i in indices], pad_id)
-            labels = torch.tensor([train.labels[i] for i in indices])
-            loss = F.nll_loss(model(tokens, batch_lengths), labels)
+            micro_batch = len(indices) if variant in WHOLE_BATCHES else default_micro_batch(cpu.device, len(indices))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            accumulate_gradients(model, [train.token_ids[i] for i in indices], [train.labels[i] for i in indices],
+                                 [1.0] * len(indices), 1 / len(indices), pad_id, micro_batch, cpu)
             optimizer.step()
-            padded += tokens.numel()
+            padded += sum(len(part) * max(lengths[indices[i]] for i in part)
+                          for part in micro_batches([lengths[i] for i in indices], micro_batch))
         seconds += time.perf_counter() - start
     with torch.no_grad():
-        predictions = predict(model, dev, 64, pad_id, Runtime(torch.device("cpu"), None)).argmax(-1)
+        predictions = predict(model, dev, 64, pad_id, cpu).argmax(-1)
     accuracy = (predictions == torch.tensor(dev.labels)).float().mean().item()
     return accuracy, padded / (sum(lengths) * task.epochs) - 1, seconds / task.epochs
 
@@ -169,7 +188,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="tok512.model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk-batches", type=int, default=None,
-                        help="length buckets of ours: batches per sorted chunk (default: data.make_batches')")
+                        help="ours-buckets, ours-noisy: batches per sorted chunk (default: 8, at most a quarter of the epoch)")
     parser.add_argument("--length-noise", type=float, default=0.5, help="ours-noisy: the noise's width")
     args = parser.parse_args()
     variants = args.variants.split(",")

@@ -155,6 +155,10 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
     cls.add_argument("--eval_train", action="store_true", help="also report accuracy on the training set")
     cls.add_argument("--epochs", type=int, default=10, help="training epochs")
     cls.add_argument("--batch_size", type=int, help="examples per step and process (default: 8; classify: the training run's)")
+    cls.add_argument("--micro_batch_size", type=int, default=None,
+                     help="training: examples per forward and backward pass; a step sorts its batch by length, cuts "
+                          "it into micro-batches and sums their gradients, so that little padding is computed and "
+                          "the step is the batch's (default: 4 on a CPU, the whole batch on a GPU)")
     cls.add_argument("--lr", type=finite_float, default=1e-5, help="AdamW learning rate")
     cls.add_argument("--hidden_dropout_prob", type=finite_float, default=0.3, help="dropout before the classification head")
     cls.add_argument("--filepath", default=None,
@@ -206,7 +210,7 @@ def get_args(argv: Optional[list[str]] = None) -> Settings:
         lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets) \
             if args.option == "lora" else None
         training = TrainingSettings(args.option, args.epochs, args.lr, args.hidden_dropout_prob, lora, files,
-                                    args.resume, args.overwrite)
+                                    args.resume, args.overwrite, args.micro_batch_size)
         outputs = files.outputs() + outputs  # the checkpoint first: the file that a clash names
     check_outputs(outputs, inputs)
     settings = Settings(args.option, args.use_gpu, args.dtype or "fp32", args.seed, model, tuple(outputs))
@@ -221,6 +225,9 @@ def check_values(args: argparse.Namespace) -> None:
     checks = [
         (args.lr > 0, "--lr must be > 0"),
         (args.batch_size is None or args.batch_size > 0, "--batch_size must be > 0"),
+        (args.micro_batch_size is None or args.micro_batch_size > 0, "--micro_batch_size must be > 0"),
+        (args.option in ("finetune", "lora") or args.micro_batch_size is None,
+         "--micro_batch_size goes with --option finetune or lora"),
         (args.epochs >= 0, "--epochs must be >= 0"),
         (args.temperature is None or args.temperature >= 0, "--temperature must be >= 0"),
         (args.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),

@@ -4,7 +4,7 @@ import torch
 
 from conftest import TOK512, asset
 from classifier import prompt_suffix_text
-from data import Example, make_batches, pad_batch, read_label_names, read_labeled_data, shard, tokenize
+from data import Example, make_batches, micro_batches, pad_batch, read_label_names, read_labeled_data, shard, tokenize
 from tokenizer import Tokenizer
 from utils import UsageError
 
@@ -90,8 +90,8 @@ def padding(lengths: list[int], batches: list[list[int]]) -> float:
     return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches) / sum(lengths) - 1
 
 
-@pytest.mark.parametrize("n_examples", [40, 200, 3000])
-def test_every_epoch_draws_new_batches_of_similar_lengths(n_examples):
+@pytest.mark.parametrize("n_examples", [40, 200])
+def test_every_epoch_draws_new_training_batches(n_examples):
     # distinct lengths: a whole-set sort (the buckets before issue 22) gave every epoch the very same batches
     lengths = [int(n) + 1 for n in torch.randperm(n_examples, generator=torch.Generator().manual_seed(0))]
     generator = torch.Generator().manual_seed(0)
@@ -99,11 +99,25 @@ def test_every_epoch_draws_new_batches_of_similar_lengths(n_examples):
     for batches in epochs:
         assert sorted(i for batch in batches for i in batch) == list(range(n_examples))
     compositions = [{frozenset(batch) for batch in batches} for batches in epochs]
-    assert len(compositions[0] & compositions[1]) <= len(compositions[0]) // 4
-    assert len(compositions[1] & compositions[2]) <= len(compositions[1]) // 4
-    at_random = [b.tolist() for b in torch.randperm(n_examples, generator=generator).split(16)]
-    if n_examples >= 16 * 8:  # enough for chunks of several batches: most of the padding is saved
-        assert padding(lengths, epochs[0]) < 0.5 * padding(lengths, at_random)
+    assert not compositions[0] & compositions[1] and not compositions[1] & compositions[2]
+
+
+@pytest.mark.parametrize("n, size", [(32, 4), (10, 4), (7, 8), (1, 4), (9, 2)])
+def test_micro_batches_cut_a_step_evenly_by_length(n, size):
+    lengths = [int(x) for x in torch.randint(1, 60, (n,), generator=torch.Generator().manual_seed(n))]
+    parts = micro_batches(lengths, size)
+    assert sorted(i for part in parts for i in part) == list(range(n))
+    assert [lengths[i] for part in parts for i in part] == sorted(lengths)
+    assert len(parts) == -(-n // size)  # as few as the size allows, and no empty one
+    sizes = [len(part) for part in parts]
+    assert max(sizes) <= size and max(sizes) - min(sizes) <= 1
+
+
+def test_micro_batches_save_most_of_a_random_batchs_padding():
+    lengths = [int(x) for x in torch.randint(3, 120, (640,), generator=torch.Generator().manual_seed(0))]
+    batches = make_batches(lengths, 32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    micro = [[batch[i] for i in part] for batch in batches for part in micro_batches([lengths[i] for i in batch], 4)]
+    assert padding(lengths, micro) < 0.25 * padding(lengths, batches)
 
 
 def test_a_short_global_batch_is_filled_with_copies_that_weigh_nothing():

