@@ -173,7 +173,7 @@ def make_batches(lengths: list[int], batch_size: int, shuffle: bool,
 def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     """One step's examples (given by their lengths) as positions sorted by length and cut into as few micro-batches
     of at most `size` as there can be, of even sizes: each is padded only to its own longest, and the step sums
-    their gradients. A random batch of 32 SST sentences pads 1.2 tokens per real token, in micro-batches of 4,
+    their gradients. A random batch of 32 SST sentences pads 1.1 tokens per real token; in micro-batches of 4,
     0.1."""
     by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n_parts = -(-len(by_length) // size)

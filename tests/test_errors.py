@@ -113,6 +113,8 @@ CASES = [
     ("label mapping too short", lambda d, a: a.set("--label-names", write(d, "l.json", b'["bad"]')), ["label 1", "--label-names"]),
     ("lr not positive", lambda d, a: a.set("--lr", "0"), ["--lr"]),
     ("batch size not positive", lambda d, a: a.set("--batch_size", "0"), ["--batch_size"]),
+    ("micro-batch size not positive", lambda d, a: a.set("--micro_batch_size", "0"), ["--micro_batch_size"]),
+    ("micro-batches without training", lambda d, a: (a.set("--option", "prompt"), a.set("--micro_batch_size", "2")), ["--micro_batch_size", "finetune or lora"]),
     ("negative epochs", lambda d, a: a.set("--epochs", "-1"), ["--epochs"]),
     ("negative temperature", lambda d, a: a.set("--temperature", "-0.5"), ["--temperature"]),
     ("lora rank not positive", lambda d, a: a.set("--lora_rank", "0"), ["--lora_rank"]),
