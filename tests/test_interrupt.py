@@ -94,8 +94,8 @@ def assert_same_predictions(folder, whole):
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_ends_with_one_line_naming_the_saved_epochs_and_the_resume_command(setup, tmp_path, signum, status):
     args, whole = setup
-    # pad_batch's 14th call is step 3 of epoch 1 (8 training and 3 dev batches an epoch)
-    result = interrupted_run(tmp_path, args, "train", "pad_batch", 14, signum)
+    # accumulate_gradients' 11th call is step 3 of epoch 1 (8 training steps an epoch)
+    result = interrupted_run(tmp_path, args, "train", "accumulate_gradients", 11, signum)
     assert result.returncode == status, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -111,7 +111,7 @@ def test_a_signal_ends_with_one_line_naming_the_saved_epochs_and_the_resume_comm
 
 
 @pytest.mark.parametrize("owner, name, nth, when", [
-    ("train", "pad_batch", 14, "before"),  # mid-epoch: step 3 of epoch 1
+    ("train", "accumulate_gradients", 11, "before"),  # mid-epoch: step 3 of epoch 1
     ("train", "predict", 2, "before"),  # evaluating dev after epoch 1
     ("torch", "save", 3, "after"),  # epoch 1's checkpoint or state written but not yet renamed into place
 ], ids=["mid-epoch", "evaluation", "checkpoint-write"])
