@@ -40,7 +40,7 @@ from lora import ATTENTION_TARGETS
 from optimizer import AdamW
 from runtime import DTYPES, Runtime
 from settings import LoRASettings
-from train import CPU_MICRO_BATCH, accumulate_gradients
+from train import accumulate_gradients, default_micro_batch
 from tokenizer import Tokenizer
 from transformers_oracle import to_transformers, transformers_config, transformers_weights
 
@@ -306,7 +306,8 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
     cpu = Runtime(torch.device("cpu"), DTYPES[args.dtype])
 
     train = load_split("train", "data/sst-train.txt", 5, tokenizer, ours.config.max_seq_len)
-    train = Split(train.name, train.labels[:n], train.sentences[:n], train.token_ids[:n])
+    n_train = args.sst_epoch or n
+    train = Split(train.name, train.labels[:n_train], train.sentences[:n_train], train.token_ids[:n_train])
     theirs = to_transformers(ours, attn_implementation="sdpa")
     generator = torch.Generator().manual_seed(0)
     lengths = [len(t) for t in train.token_ids]
@@ -318,7 +319,8 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
         for indices in make_batches(lengths, 80, shuffle=True, generator=generator):
             opt.zero_grad(set_to_none=True)
             accumulate_gradients(model, [train.token_ids[i] for i in indices], [train.labels[i] for i in indices],
-                                 [1.0] * len(indices), 1 / len(indices), tokenizer.pad_id, CPU_MICRO_BATCH, cpu)
+                                 [1.0] * len(indices), 1 / len(indices), tokenizer.pad_id,
+                                 default_micro_batch(cpu.device, len(indices)), cpu)
             opt.step()
 
     def their_epoch():
@@ -337,6 +339,8 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
 
     ours_s, hf_s = seconds_once(our_epoch), seconds_once(their_epoch)
     rows = [(f"one SST train epoch ({len(lengths)} ex), s (lower is better)", ours_s, hf_s, "once")]
+    if args.sst_epoch:
+        return rows
 
     zero_shot = zero_shot_classifier(ours, tokenizer, label_names, "data/sst-label-mapping.json")
     label_ids = zero_shot.label_token_ids
@@ -390,6 +394,8 @@ def main() -> None:
                              "time its fp32 and int8 decoding beside ours on the same weights")
     parser.add_argument("--decode", action="store_true",
                         help="only the decoding speeds and their per-token budget (with --llama2c: minutes, not 45)")
+    parser.add_argument("--sst-epoch", type=int, metavar="N", default=None,
+                        help="only the SST training epoch, on the first N training sentences (minutes, not 25)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -401,7 +407,12 @@ def main() -> None:
     shape = "checkpoint " + args.checkpoint if args.checkpoint else ("tiny random" if args.quick else "stories42M shape, random weights")
     print(f"minLlama2 vs transformers: {shape}, {args.dtype} training and scoring, {args.threads} threads, "
           f"median of {args.repeats}")
-    rows = bench_inference(args) if args.decode else bench_inference(args) + bench_training(args) + bench_sst(args)
+    if args.decode:
+        rows = bench_inference(args)
+    elif args.sst_epoch:
+        rows = bench_sst(args)
+    else:
+        rows = bench_inference(args) + bench_training(args) + bench_sst(args)
     print("\n| measure | minLlama2 | peer | ratio | note |\n| --- | ---: | ---: | ---: | --- |")
     for name, ours, theirs, note in rows:
         better_when_lower = "lower is better" in name

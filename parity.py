@@ -165,7 +165,8 @@ def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Sp
         model.train()
         start = time.perf_counter()
         for indices in make(lengths, generator):
-            micro_batch = len(indices) if variant in WHOLE_BATCHES else default_micro_batch(cpu.device, len(indices))
+            micro_batch = len(indices) if variant in WHOLE_BATCHES else (
+                args.micro_batch_size or default_micro_batch(cpu.device, len(indices)))
             optimizer.zero_grad(set_to_none=True)
             accumulate_gradients(model, [train.token_ids[i] for i in indices], [train.labels[i] for i in indices],
                                  [1.0] * len(indices), 1 / len(indices), pad_id, micro_batch, cpu)
@@ -189,6 +190,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk-batches", type=int, default=None,
                         help="ours-buckets, ours-noisy: batches per sorted chunk (default: 8, at most a quarter of the epoch)")
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="ours and its head and optimizer variants: examples per micro-batch (default: as "
+                             "run_llama.py's, cut by padding)")
     parser.add_argument("--length-noise", type=float, default=0.5, help="ours-noisy: the noise's width")
     args = parser.parse_args()
     variants = args.variants.split(",")

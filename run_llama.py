@@ -156,9 +156,10 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
     cls.add_argument("--epochs", type=int, default=10, help="training epochs")
     cls.add_argument("--batch_size", type=int, help="examples per step and process (default: 8; classify: the training run's)")
     cls.add_argument("--micro_batch_size", type=int, default=None,
-                     help="training: examples per forward and backward pass; a step sorts its batch by length, cuts "
-                          "it into micro-batches and sums their gradients, so that little padding is computed and "
-                          "the step is the batch's (default: 4 on a CPU, the whole batch on a GPU)")
+                     help="training: examples per forward and backward pass at most; a step sorts its batch by "
+                          "length, cuts it into micro-batches and sums their gradients, so that little padding is "
+                          "computed and the step is the batch's (default: on a CPU as few as pad at most a quarter "
+                          "of a token per real token, on a GPU the whole batch)")
     cls.add_argument("--lr", type=finite_float, default=1e-5, help="AdamW learning rate")
     cls.add_argument("--hidden_dropout_prob", type=finite_float, default=0.3, help="dropout before the classification head")
     cls.add_argument("--filepath", default=None,

@@ -131,22 +131,18 @@ class Training:
         progress.last_epoch = epoch
 
 
-# On a CPU, compute grows with the padded tokens and a forward pass of 4 sentences is already efficient (measured
-# on stories42M and stories260K: as many real tokens per second as length-sorted batches of 32); a GPU is fastest
-# on the whole batch.
-CPU_MICRO_BATCH = 4
-
-
-def default_micro_batch(device: torch.device, batch_size: int) -> int:
-    return CPU_MICRO_BATCH if device.type == "cpu" else batch_size
+def default_micro_batch(device: torch.device, batch_size: int) -> Optional[int]:
+    """None on a CPU, where compute grows with the padded tokens: data.micro_batches cuts each batch by its
+    padding. A GPU is fastest on the whole batch."""
+    return None if device.type == "cpu" else batch_size
 
 
 def accumulate_gradients(model: torch.nn.Module, token_ids: list[list[int]], labels: list[int], weights: list[float],
-                         scale: float, pad_id: int, micro_batch: int, runtime: Runtime,
+                         scale: float, pad_id: int, micro_batch: Optional[int], runtime: Runtime,
                          scaler: Optional[torch.amp.GradScaler] = None) -> float:
     """Add to the gradients those of scale * sum(weight * loss) over one step's examples, computed in micro-batches
-    of similar lengths (data.micro_batches); returns sum(weight * loss). Under DDP the processes average the
-    gradients once, after the last micro-batch."""
+    of similar lengths (data.micro_batches: of at most micro_batch examples, or None: cut by their padding); returns
+    sum(weight * loss). Under DDP the processes average the gradients once, after the last micro-batch."""
     parts = micro_batches([len(t) for t in token_ids], micro_batch)
     loss_sum = 0.0
     for n, part in enumerate(parts):

@@ -4,7 +4,7 @@ import torch
 
 from conftest import TOK512, asset
 from classifier import prompt_suffix_text
-from data import Example, make_batches, micro_batches, pad_batch, read_label_names, read_labeled_data, shard, tokenize
+from data import MAX_PADDING, Example, make_batches, micro_batches, pad_batch, read_label_names, read_labeled_data, shard, tokenize
 from tokenizer import Tokenizer
 from utils import UsageError
 
@@ -113,11 +113,20 @@ def test_micro_batches_cut_a_step_evenly_by_length(n, size):
     assert max(sizes) <= size and max(sizes) - min(sizes) <= 1
 
 
-def test_micro_batches_save_most_of_a_random_batchs_padding():
+@pytest.mark.parametrize("batch_size", [8, 32, 80])
+def test_by_default_micro_batches_are_the_fewest_that_pad_a_quarter_or_less(batch_size):
     lengths = [int(x) for x in torch.randint(3, 120, (640,), generator=torch.Generator().manual_seed(0))]
-    batches = make_batches(lengths, 32, shuffle=True, generator=torch.Generator().manual_seed(0))
-    micro = [[batch[i] for i in part] for batch in batches for part in micro_batches([lengths[i] for i in batch], 4)]
-    assert padding(lengths, micro) < 0.25 * padding(lengths, batches)
+    batches = make_batches(lengths, batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    micro = []
+    for batch in batches:
+        parts = micro_batches([lengths[i] for i in batch])
+        assert [lengths[batch[i]] for part in parts for i in part] == sorted(lengths[i] for i in batch)
+        assert padding([lengths[i] for i in batch], parts) <= MAX_PADDING
+        if len(parts) > 1:  # one part fewer pads more
+            fewer = micro_batches([lengths[i] for i in batch], size=-(-len(batch) // (len(parts) - 1)))
+            assert len(fewer) == len(parts) - 1 and padding([lengths[i] for i in batch], fewer) > MAX_PADDING
+        micro += [[batch[i] for i in part] for part in parts]
+    assert padding(lengths, micro) < 0.3 * padding(lengths, batches)  # random batches pad about 1 per real token
 
 
 def test_a_short_global_batch_is_filled_with_copies_that_weigh_nothing():

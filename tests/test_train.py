@@ -100,7 +100,7 @@ def test_micro_batches_give_the_gradient_of_the_whole_padded_batch():
     weights = [1.0] * 10 + [0.0]
     runtime = Runtime(torch.device("cpu"))
     grads, losses = [], []
-    for micro_batch in (11, 3, 1):
+    for micro_batch in (11, 3, 1, None):
         model.zero_grad(set_to_none=True)
         losses.append(accumulate_gradients(model, task.token_ids, task.labels, weights, 0.1, 0, micro_batch, runtime))
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
