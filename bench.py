@@ -320,7 +320,7 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
             opt.zero_grad(set_to_none=True)
             accumulate_gradients(model, [train.token_ids[i] for i in indices], [train.labels[i] for i in indices],
                                  [1.0] * len(indices), 1 / len(indices), tokenizer.pad_id,
-                                 default_micro_batch(cpu.device, len(indices)), cpu)
+                                 args.micro_batch_size or default_micro_batch(cpu.device, len(indices)), cpu)
             opt.step()
 
     def their_epoch():
@@ -396,6 +396,8 @@ def main() -> None:
                         help="only the decoding speeds and their per-token budget (with --llama2c: minutes, not 45)")
     parser.add_argument("--sst-epoch", type=int, metavar="N", default=None,
                         help="only the SST training epoch, on the first N training sentences (minutes, not 25)")
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="the SST epoch's micro-batches (default: run_llama.py's, cut by padding on a CPU)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
