@@ -40,7 +40,7 @@ from lora import ATTENTION_TARGETS
 from optimizer import AdamW
 from runtime import DTYPES, Runtime
 from settings import LoRASettings
-from train import accumulate_gradients, default_micro_batch
+from train import accumulate_gradients
 from tokenizer import Tokenizer
 from transformers_oracle import to_transformers, transformers_config, transformers_weights
 
@@ -320,7 +320,7 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
             opt.zero_grad(set_to_none=True)
             accumulate_gradients(model, [train.token_ids[i] for i in indices], [train.labels[i] for i in indices],
                                  [1.0] * len(indices), 1 / len(indices), tokenizer.pad_id,
-                                 args.micro_batch_size or default_micro_batch(cpu.device, len(indices)), cpu)
+                                 args.micro_batch_size, cpu)
             opt.step()
 
     def their_epoch():

@@ -45,7 +45,7 @@ from llama import Llama, load_pretrained
 from optimizer import AdamW
 from runtime import Runtime, seed_everything
 from tokenizer import Tokenizer
-from train import accumulate_gradients, default_micro_batch
+from train import accumulate_gradients
 from transformers_oracle import transformers_config, transformers_weights
 
 
@@ -165,8 +165,7 @@ def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Sp
         model.train()
         start = time.perf_counter()
         for indices in make(lengths, generator):
-            micro_batch = len(indices) if variant in WHOLE_BATCHES else (
-                args.micro_batch_size or default_micro_batch(cpu.device, len(indices)))
+            micro_batch = len(indices) if variant in WHOLE_BATCHES else args.micro_batch_size
             optimizer.zero_grad(set_to_none=True)
             accumulate_gradients(model, [train.token_ids[i] for i in indices], [train.labels[i] for i in indices],
                                  [1.0] * len(indices), 1 / len(indices), pad_id, micro_batch, cpu)

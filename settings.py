@@ -88,7 +88,7 @@ class TrainingSettings:
     files: RunFiles
     resume: bool
     overwrite: bool
-    micro_batch_size: Optional[int] = None  # None: train.default_micro_batch for the device
+    micro_batch_size: Optional[int] = None  # None: the device's default (train.accumulate_gradients)
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,6 @@ class Training:
     def train_epoch(self, epoch: int, train: Split, pad_id: int) -> tuple[float, int]:
         """One pass over the training set: (summed loss, examples seen)."""
         runtime, global_batch = self.runtime, self.settings.data.batch_size * self.runtime.world_size
-        micro_batch = self.settings.training.micro_batch_size or default_micro_batch(runtime.device,
-                                                                                    self.settings.data.batch_size)
         self.trainer.train()
         batches = make_batches([len(t) for t in train.token_ids], global_batch, shuffle=True, generator=self.generator)
         bar = runtime.progress(batches, f"train-{epoch}")
@@ -85,7 +83,7 @@ class Training:
             # DDP averages over processes, hence world_size / (global batch) rather than 1 / (own share)
             loss_sum = accumulate_gradients(self.trainer, [train.token_ids[i] for i in mine],
                                             [train.labels[i] for i in mine], weights, runtime.world_size / len(indices),
-                                            pad_id, micro_batch, runtime, self.scaler)
+                                            pad_id, self.settings.training.micro_batch_size, runtime, self.scaler)
             batch_loss = runtime.sum(loss_sum)  # over all processes; NaN anywhere stops all, before the step
             if not math.isfinite(batch_loss):
                 saved = (f"; the best checkpoint so far is kept in {self.files.checkpoint}"
@@ -131,18 +129,15 @@ class Training:
         progress.last_epoch = epoch
 
 
-def default_micro_batch(device: torch.device, batch_size: int) -> Optional[int]:
-    """None on a CPU, where compute grows with the padded tokens: data.micro_batches cuts each batch by its
-    padding. A GPU is fastest on the whole batch."""
-    return None if device.type == "cpu" else batch_size
-
-
 def accumulate_gradients(model: torch.nn.Module, token_ids: list[list[int]], labels: list[int], weights: list[float],
                          scale: float, pad_id: int, micro_batch: Optional[int], runtime: Runtime,
                          scaler: Optional[torch.amp.GradScaler] = None) -> float:
     """Add to the gradients those of scale * sum(weight * loss) over one step's examples, computed in micro-batches
-    of similar lengths (data.micro_batches: of at most micro_batch examples, or None: cut by their padding); returns
-    sum(weight * loss). Under DDP the processes average the gradients once, after the last micro-batch."""
+    of similar lengths of at most micro_batch examples; returns sum(weight * loss). By default (None) a CPU cuts the
+    step by its padding (data.micro_batches), since its compute grows with the padded tokens, and a GPU, fastest on
+    the whole batch, does not cut it. Under DDP the processes average the gradients once, after the last one."""
+    if micro_batch is None and runtime.device.type != "cpu":
+        micro_batch = len(token_ids)
     parts = micro_batches([len(t) for t in token_ids], micro_batch)
     loss_sum = 0.0
     for n, part in enumerate(parts):
