@@ -42,8 +42,7 @@ class LlamaZeroShotClassifier(nn.Module):
         n_labels, longest = len(self.label_token_ids), max(map(len, self.label_token_ids))
         device = tokens.device
         caches = [KVCache(seqlen + longest - 1) for _ in self.llama.layers]
-        hidden = self.llama.hidden_states(tokens, kv_caches=caches)  # (batch, seqlen, dim)
-        last = hidden[torch.arange(batch_size, device=device), lengths - 1]  # (batch, dim)
+        last = self.llama.hidden_states(tokens, kv_caches=caches, only_at=lengths - 1)[:, 0]  # (batch, dim)
         first_ids = torch.tensor([ids[0] for ids in self.label_token_ids], device=device)
         scores = self.log_probs(last)[:, first_ids]  # (batch, n_labels)
         if longest == 1:
@@ -89,8 +88,7 @@ class LlamaEmbeddingClassifier(nn.Module):
             llama.output.weight.requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        hidden = self.llama.hidden_states(tokens)  # (batch, seqlen, dim)
-        last = hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]  # (batch, dim)
+        last = self.llama.hidden_states(tokens, only_at=lengths - 1)[:, 0]  # (batch, dim)
         return F.log_softmax(self.classifier_head(self.dropout(last)).float(), dim=-1)
 
 

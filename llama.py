@@ -57,6 +57,14 @@ class KVCache:
         self.values = self.values.repeat_interleave(times, dim=0)
 
 
+def pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[b, index[b]] for each sequence b, (batch, seqlen, ...) -> (batch, 1, ...); a table without a batch
+    dimension, (seqlen, ...), is every sequence's."""
+    if t.dim() == 2:
+        return t[index, None]
+    return t[torch.arange(len(index), device=index.device), index, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -71,12 +79,16 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor],
-                is_causal: bool, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+                is_causal: bool, cache: Optional[KVCache] = None, start_pos: int = 0,
+                only_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (batch, seqlen, dim) -> (batch, seqlen, dim). only_at (batch,) asks for one position of each sequence:
+        the queries there alone, out (batch, 1, dim); keys and values are still every position's."""
         batch_size, seqlen, _ = x.shape
-        query = self.wq(x).view(batch_size, seqlen, self.n_heads, self.head_dim)
-        key = self.wk(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)
+        key = rotate(self.wk(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim), freqs_cis)
         value = self.wv(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)
-        query, key = rotate(query, freqs_cis), rotate(key, freqs_cis)
+        if only_at is not None:
+            x, freqs_cis = pick(x, only_at), pick(freqs_cis, only_at)
+        query = rotate(self.wq(x).view(batch_size, -1, self.n_heads, self.head_dim), freqs_cis)
 
         # heads become a batch dimension: (batch, heads, seqlen, head_dim)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -87,7 +99,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.attn_dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
-        out = out.transpose(1, 2).reshape(batch_size, seqlen, self.n_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(batch_size, -1, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(out))
 
 
@@ -112,9 +124,13 @@ class LlamaLayer(nn.Module):
         self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.dropout)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor],
-                is_causal: bool, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, is_causal, cache, start_pos)
+                is_causal: bool, cache: Optional[KVCache] = None, start_pos: int = 0,
+                only_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """only_at (batch,): the output at that position of each sequence alone, (batch, 1, dim) (see Attention)."""
+        attended = self.attention(self.attention_norm(x), freqs_cis, mask, is_causal, cache, start_pos, only_at)
+        h = (x if only_at is None else pick(x, only_at)) + attended
         return h + self.feed_forward(self.ffn_norm(h))
+
 
 
 class Generation:
@@ -207,7 +223,7 @@ class Llama(LlamaPreTrainedModel, Generation):
 
     def hidden_states(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, causal: bool = True,
                       kv_caches: Optional[list[KVCache]] = None, start_pos: int = 0,
-                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      positions: Optional[torch.Tensor] = None, only_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (batch, seqlen) -> final normalised hidden states (batch, seqlen, dim), without the output
         layer (a classifier needs none of its 32000-wide logits).
 
@@ -216,36 +232,47 @@ class Llama(LlamaPreTrainedModel, Generation):
         With kv_caches, tokens are positions start_pos.. of sequences whose earlier keys/values are in the caches.
         positions (batch, seqlen), when given, are the rotary positions instead of start_pos..: a continuation of
         right-padded sequences goes on from each one's own length (its cache slots still start at start_pos).
+        only_at (batch,) asks for the hidden state at one position of each sequence alone, (batch, 1, dim), e.g. a
+        classifier's last real token: the last layer then computes nothing else but every position's keys and
+        values (and an earlier position's state never depends on a later one's, so the rest is not needed).
         """
         seqlen = tokens.shape[1]
         if start_pos + seqlen > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + seqlen} tokens exceeds max_seq_len {self.config.max_seq_len}")
         freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen] if positions is None else self.freqs_cis[positions]
         mask, is_causal = attention_mask(seqlen, start_pos, padding_mask, causal, tokens.device)
+        caches = kv_caches or [None] * len(self.layers)
 
         h = self.dropout(self.tok_embeddings(tokens))
-        for i, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, mask, is_causal, kv_caches[i] if kv_caches else None, start_pos)
+        for layer, cache in zip(self.layers[:-1], caches):
+            h = layer(h, freqs_cis, mask, is_causal, cache, start_pos)
+        if only_at is not None:
+            mask, is_causal = attention_mask(seqlen, start_pos, padding_mask, causal, tokens.device, only_at)
+        h = self.layers[-1](h, freqs_cis, mask, is_causal, caches[-1], start_pos, only_at)
         return self.norm(h)
 
 
 def attention_mask(seqlen: int, start_pos: int, padding_mask: Optional[torch.Tensor], causal: bool,
-                   device: torch.device) -> Tuple[Optional[torch.Tensor], bool]:
-    """The (mask, is_causal) pair for F.scaled_dot_product_attention; a boolean mask is True where a query
-    may attend. Without padding the fast paths need no mask at all."""
-    if padding_mask is None:
+                   device: torch.device, only_at: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], bool]:
+    """The (mask, is_causal) pair for F.scaled_dot_product_attention; a boolean mask (batch or 1, 1, queries,
+    keys) is True where a query may attend. With only_at (batch,), the one query of each sequence at that
+    position (see Attention). Without padding the fast paths need no mask at all."""
+    if padding_mask is None and only_at is None:
         if not causal or seqlen == 1:
             return None, False
         if start_pos == 0:
             return None, True
     n_keys = start_pos + seqlen
-    query_pos = torch.arange(start_pos, n_keys, device=device)[:, None]
-    key_pos = torch.arange(n_keys, device=device)[None, :]
-    allowed = key_pos <= query_pos if causal else torch.ones(seqlen, n_keys, dtype=torch.bool, device=device)
-    mask = allowed[None, None]  # (1, 1, seqlen, n_keys)
+    if only_at is None:
+        query_pos = torch.arange(start_pos, n_keys, device=device)[None, :, None]  # (1, seqlen, 1)
+    else:
+        query_pos = (start_pos + only_at)[:, None, None]  # (batch, 1, 1)
+    key_pos = torch.arange(n_keys, device=device)[None, None, :]
+    allowed = (key_pos <= query_pos) | (not causal)
+    mask = allowed[:, None]
     if padding_mask is not None:
         # A padding query attends to itself too, so no row of the mask is empty (that would give NaN).
-        mask = (mask & padding_mask[:, None, None, :].bool()) | (key_pos == query_pos)
+        mask = (mask & padding_mask[:, None, None, :].bool()) | (key_pos == query_pos)[:, None]
     return mask, False
 
 

@@ -82,6 +82,33 @@ def test_last_position_logits_by_default(tiny_model):
     assert torch.allclose(last[:, 0], full[:, -1])
 
 
+
+def test_one_position_per_sequence_is_the_full_pass_s_state_and_gradient():
+    """only_at (a classifier's last real token) computes the last layer for that position alone: the same state
+    and the same gradients as picking it from the full pass, with and without padding masks and causality."""
+    torch.manual_seed(0)
+    model = Llama(tiny_config(n_layers=3)).train()  # no dropout in the tiny config: train mode is deterministic
+    tokens = torch.randint(0, 97, (3, 11))
+    only_at = torch.tensor([10, 4, 0])
+    padding_mask = torch.arange(11)[None] <= only_at[:, None]
+    for causal, mask in ((True, None), (True, padding_mask), (False, padding_mask)):
+        states, grads = [], []
+        for picked in (False, True):
+            model.zero_grad()
+            if picked:
+                h = model.hidden_states(tokens, mask, causal, only_at=only_at)[:, 0]
+            else:
+                h = model.hidden_states(tokens, mask, causal)[torch.arange(3), only_at]
+            (h * torch.linspace(-1, 1, 32)).sum().backward()
+            states.append(h.detach())
+            grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        torch.testing.assert_close(states[1], states[0], atol=1e-6, rtol=1e-5)
+        for name in grads[0]:
+            # within float32 rounding of the largest entry: the products are summed in another order
+            scale = grads[0][name].abs().max().item()
+            torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5 * scale, rtol=0, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # generation
 
