@@ -278,8 +278,26 @@ def child_result(spec: dict, args: argparse.Namespace) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+def step_gflop(config: LlamaConfig, batch: int, seqlen: int, trains_weights: bool) -> float:
+    """A classifier's training step in model GFLOP, counted as a whole padded pass does the work (ours skips some:
+    the last layer computes the last token alone): the layers' products forward (2 flops per weight per token) and
+    backward (as much again for the inputs' gradients, and once more for the weights' when they train), attention's
+    two products per head over half the positions on average (causal), likewise."""
+    c = config
+    weights = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.hidden_dim
+    forward = 2 * batch * seqlen * c.n_layers * (weights + seqlen * c.n_heads * c.head_dim)
+    return forward * (3 if trains_weights else 2) / 1e9
+
+
+def gemm_gflops(rows: int, config: LlamaConfig, args: argparse.Namespace) -> float:
+    """This machine's fp32 product rate on a step's widest forward shape, (rows, dim) @ (dim, hidden_dim)."""
+    x, weight = torch.randn(rows, config.dim), torch.randn(config.dim, config.hidden_dim)
+    return 2 * rows * config.dim * config.hidden_dim / median_seconds(lambda: x @ weight, 5 * args.repeats) / 1e9
+
+
 def bench_training(args: argparse.Namespace) -> list[tuple]:
     sizes = [(8, 16)] if args.quick else [(80, 32), (10, 512)]
+    config = base_model(args).config
     rows = []
     for batch, seqlen in sizes:
         for mode in ("finetune", "lora"):
@@ -287,9 +305,14 @@ def bench_training(args: argparse.Namespace) -> list[tuple]:
             for impl in ("ours", "transformers"):
                 spec = {"impl": impl, "mode": mode, "batch": batch, "seqlen": seqlen}
                 result[impl] = child_result(spec, args)
+            ours_s, their_s = result["ours"]["step_s"], result["transformers"]["step_s"]
             name = f"{'full fine-tuning' if mode == 'finetune' else 'LoRA r=4 q/k/v/o'} {batch} x {seqlen}"
             rows.append((f"{name}, examples/s", result["ours"]["ex_per_s"], result["transformers"]["ex_per_s"],
-                         f"step {result['ours']['step_s']:.2f} s vs {result['transformers']['step_s']:.2f} s"))
+                         f"step {ours_s:.2f} s vs {their_s:.2f} s"))
+            gflop = step_gflop(config, batch, seqlen, trains_weights=mode == "finetune")
+            rows.append((f"{name}, model GFLOP/s (peer: this machine's fp32 GEMM of the step's widest shape)",
+                         gflop / ours_s, gemm_gflops(batch * seqlen, config, args),
+                         f"transformers {gflop / their_s:.1f}; {gflop:.1f} GFLOP a step"))
             rows.append((f"{name}, peak RSS MB (lower is better)", result["ours"]["peak_mb"],
                          result["transformers"]["peak_mb"], ""))
     return rows

@@ -20,10 +20,11 @@ def test_quick_bench_prints_the_whole_table():
     names = " ".join(rows)
     for measure in ("greedy decode fp32", "greedy decode int8", "greedy decode fp16", "everything but the products",
                     "resident MB while decoding", "prefill",
-                    "full fine-tuning 8 x 16", "LoRA r=4 q/k/v/o 8 x 16", "peak RSS", "one SST train epoch",
+                    "full fine-tuning 8 x 16", "LoRA r=4 q/k/v/o 8 x 16", "peak RSS", "model GFLOP/s",
+                    "one SST train epoch",
                     "zero-shot SST dev"):
         assert measure in names
-    assert len(rows) == 1 + 9 + 4 + 2
+    assert len(rows) == 1 + 9 + 6 + 2
     assert "16/16 greedy tokens identical" in result.stdout
 
 
@@ -35,3 +36,22 @@ def test_a_child_reports_its_own_peak_memory_not_its_parents():
     child = bench.child_result({"impl": "ours", "mode": "lora", "batch": 2, "seqlen": 8}, args)
     del held
     assert child["peak_mb"] < parent_peak_mb - 512
+
+
+def test_a_step_s_model_flops_are_what_torch_counts_for_the_layers():
+    """bench's step_gflop: the layers' products as torch's flop counter counts them on a full padded forward pass
+    (it has no formula for the CPU attention kernel), plus attention's two products over the causal half."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from conftest import tiny_config
+    from llama import Llama
+
+    config = tiny_config(n_layers=3)
+    batch, seqlen = 5, 12
+    with FlopCounterMode(display=False) as counter:
+        Llama(config).hidden_states(torch.randint(0, 97, (batch, seqlen)))
+    products = counter.get_total_flops()
+    attention = 2 * 2 * config.n_layers * batch * config.n_heads * seqlen * (seqlen / 2) * config.head_dim
+    forward = products + attention
+    assert products > 0 and abs(bench.step_gflop(config, batch, seqlen, trains_weights=True) * 1e9 - 3 * forward) < 1
+    assert abs(bench.step_gflop(config, batch, seqlen, trains_weights=False) * 1e9 - 2 * forward) < 1
