@@ -5,6 +5,7 @@
   .venv/bin/python bench.py --checkpoint stories260K.pt --tokenizer tok512.model
   .venv/bin/python bench.py --dtype bf16 --llama2c ../shared/llama2c   # bf16 training; llama2.c decode rows
   .venv/bin/python bench.py --decode --llama2c ../shared/llama2c        # the decoding rows alone (minutes)
+  .venv/bin/python bench.py --training                                  # the training step rows alone
 
 Prints one table: greedy decode (fp32, int8 and fp16, each side at its best thread count up to --threads) and
 what a decoding step spends besides its products, prefill throughput, decoding memory, full fine-tuning and
@@ -417,6 +418,8 @@ def main() -> None:
                              "time its fp32 and int8 decoding beside ours on the same weights")
     parser.add_argument("--decode", action="store_true",
                         help="only the decoding speeds and their per-token budget (with --llama2c: minutes, not 45)")
+    parser.add_argument("--training", action="store_true",
+                        help="only the training steps' rows: speed, model GFLOP/s, memory (minutes)")
     parser.add_argument("--sst-epoch", type=int, metavar="N", default=None,
                         help="only the SST training epoch, on the first N training sentences (minutes, not 25)")
     parser.add_argument("--micro-batch-size", type=int, default=None,
@@ -434,6 +437,8 @@ def main() -> None:
           f"median of {args.repeats}")
     if args.decode:
         rows = bench_inference(args)
+    elif args.training:
+        rows = bench_training(args)
     elif args.sst_epoch:
         rows = bench_sst(args)
     else:
