@@ -10,10 +10,12 @@ reading the weights, plus the cost of every small operation around the products.
 - Size. Int8Linear keeps each row (one output feature) as int8 with one scale, W[i] ~ scale[i] * q[i] with q in
   [-127, 127], so every weight is off by at most half a step, scale[i] / 2 = max|W[i]| / 254: a quarter of
   the bytes. Activations stay floating point. On the CPU the products run in PyTorch's int8-weight kernel,
-  which takes bf16 activations (fp32 ones take it 4x longer, measured). The kernel gives wrong sums, or crashes,
-  when a row's length is not a multiple of its vector block (torch 2.13 on AVX2: 172 and 100 fail, multiples of
-  8 pass), so it only gets rows of a multiple of 32. Elsewhere, and on other devices, the rows are dequantized
-  to the activations' dtype for each product: slower, never different. Fp16Linear keeps each weight in half
+  which takes bf16 activations (fp32 ones take it 4x longer, measured) and makes bf16 outputs; the step keeps them
+  bf16 where they go into another product or are added to the float32 residual stream (a conversion less each,
+  about 5% of a token, measured), and makes them float32 for attention and the logits. The kernel gives wrong
+  sums, or crashes, when a row's length is not a multiple of its vector block (torch 2.13 on AVX2: 172 and 100
+  fail, multiples of 8 pass), so it only gets rows of a multiple of 32. Elsewhere, and on other devices, the rows
+  are dequantized to the activations' dtype (float32 on the CPU) for each product: slower, never different. Fp16Linear keeps each weight in half
   precision (off by at most 2^-11 of itself, half the bytes) and multiplies in fbgemm's fp16-weight kernel
   with fp32 activations and sums, which needs AVX2, not the AVX512-FP16 that half-precision arithmetic would.
 - Fewer operations. A step of one token spends a few microseconds on every operator call whatever its size, so
@@ -74,10 +76,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.in_features % 32 == 0:
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scale)  # (rows, out) bf16
-            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        if x.device.type == "cpu":
+            if self.in_features % 32 == 0:
+                flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+                # bf16 out, as the kernel makes it: the decoding step converts only where it needs float32
+                return torch._weight_int8pack_mm(flat, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
+            x = x.float()  # a bf16 input (the kernel's output) would take PyTorch's slow bf16 product on most CPUs
         # the rows scaled first: an int8 product scaled afterwards can pass fp16's 65504 where the model's never does
         return F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
 
@@ -158,7 +162,7 @@ class DecoderLayer(nn.Module):
         batch_size, seqlen, _ = x.shape
         n_heads, n_kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         # (batch, seqlen, (n_heads + 2 n_kv_heads) head_dim)
-        qkv = self.wqkv(rms_norm(x, self.attention_norm, self.eps))
+        qkv = self.wqkv(rms_norm(x, self.attention_norm, self.eps)).float()
         query_key = rotate(qkv[..., :(n_heads + n_kv_heads) * head_dim].unflatten(-1, (-1, head_dim)), freqs_cis)
         query, key = query_key.transpose(1, 2).split([n_heads, n_kv_heads], dim=1)  # (batch, heads, seqlen, hd)
         value = qkv[..., (n_heads + n_kv_heads) * head_dim:].unflatten(-1, (n_kv_heads, head_dim)).transpose(1, 2)
@@ -220,7 +224,7 @@ class Decoder(nn.Module, Generation):
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, kv_caches[i] if kv_caches else None, start_pos)
         h = rms_norm(h, self.norm, self.eps)
-        return self.output(h if all_logits else h[:, -1:]), h
+        return self.output(h if all_logits else h[:, -1:]).float(), h
 
 
 def prepare_for_decoding(model: Llama, quantize: Optional[str] = None) -> Decoder:

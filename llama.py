@@ -132,7 +132,6 @@ class LlamaLayer(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-
 class Generation:
     """generate and new_tokens, for a model whose call (tokens, kv_caches=..., start_pos=...) returns
     (logits, hidden_states) like Llama's: Llama itself, and decoding.Decoder, its layout for decoding."""
@@ -233,8 +232,8 @@ class Llama(LlamaPreTrainedModel, Generation):
         positions (batch, seqlen), when given, are the rotary positions instead of start_pos..: a continuation of
         right-padded sequences goes on from each one's own length (its cache slots still start at start_pos).
         only_at (batch,) asks for the hidden state at one position of each sequence alone, (batch, 1, dim), e.g. a
-        classifier's last real token: the last layer then computes nothing else but every position's keys and
-        values (and an earlier position's state never depends on a later one's, so the rest is not needed).
+        classifier's last real token: the last layer's output there needs that position's query and every
+        position's keys and values, so the last layer computes nothing else.
         """
         seqlen = tokens.shape[1]
         if start_pos + seqlen > self.config.max_seq_len:

@@ -29,9 +29,10 @@ def test_int8_linear_is_the_product_with_its_dequantized_weight(in_features, row
     x = torch.randn(2, rows, in_features)
     expected = x @ (layer.weight.float() * layer.scale.float()[:, None]).t()
     out = layer(x)
-    assert out.shape == (2, rows, 96) and out.dtype == torch.float32
+    kernel = in_features % 32 == 0  # the CPU kernel's bf16 output, kept as it is; the fallback's in x's dtype
+    assert out.shape == (2, rows, 96) and out.dtype == (torch.bfloat16 if kernel else torch.float32)
     # bf16 activations and output: 2^-8 relative, on sums of about sqrt(in_features) terms
-    assert torch.allclose(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert torch.allclose(out.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 def test_the_fp16_fallback_cannot_overflow_where_the_float_product_does_not():
@@ -117,7 +118,7 @@ def test_next_tokens_agree_with_fp32_and_log_probabilities_stay_close(models, qu
     Why those bounds: log-softmax moves by at most twice the largest logit change (|d log p_i| <= |d z_i| +
     |d logsumexp z| <= 2 max|d z|), checked below at every position, and the logits move by the weights'
     rounding through five layers: int8, half a step per weight (1/254 of the row's largest weight) plus the bf16
-    rounding of activations (2^-9), measured 0.054 nats on average, 0.85 at worst; fp16, 2^-11 of each weight
+    rounding of activations (2^-9), measured 0.055 nats on average, 0.76 at worst; fp16, 2^-11 of each weight
     with fp32 activations, measured 0.0015 on average, 0.02 at worst."""
     model, prepared, tokenizer = models
     with open(asset("data/sst-dev.txt"), encoding="utf-8") as f:
