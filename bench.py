@@ -11,7 +11,7 @@ Prints one table: greedy decode (fp32, int8 and fp16, each side at its best thre
 what a decoding step spends besides its products, prefill throughput, decoding memory, full fine-tuning and
 LoRA step time and peak memory (each in its own child process, so that speed and peak RSS are its own), optionally
 llama2.c's run.c and runq.c on the same weights (--llama2c DIR), and end-to-end time of one SST
-training epoch and of zero-shot scoring of SST dev on the real data files. Each timing is the median of
+training epoch (full fine-tuning and LoRA) and of zero-shot scoring of SST dev on the real data files. Each timing is the median of
 --repeats runs after a warm-up, except the SST epoch and the zero-shot scoring, which run once (minutes each).
 transformers and PEFT are needed only here and in the tests (./setup.sh --test).
 """
@@ -241,6 +241,17 @@ def llama2c_speed(program: str, weights: str, source: str, new: int, threads: in
     return float(found.group(1))
 
 
+LORA = LoRASettings(rank=4, alpha=1.0, dropout=0.0, targets=ATTENTION_TARGETS)  # ours; with_peft_lora is PEFT's
+
+
+def with_peft_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' classifier with PEFT adapters of the recipe of LORA."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+
 def training_step_child(spec: dict, args: argparse.Namespace) -> dict:
     """Runs in a child process: time training steps of one implementation and mode, report peak RSS."""
     torch.manual_seed(0)
@@ -250,8 +261,7 @@ def training_step_child(spec: dict, args: argparse.Namespace) -> dict:
     lengths = torch.full((spec["batch"],), spec["seqlen"])
     labels = torch.randint(0, n_labels, (spec["batch"],))
     if spec["impl"] == "ours":
-        lora = LoRASettings(rank=4, alpha=1.0, dropout=0.0, targets=ATTENTION_TARGETS) if spec["mode"] == "lora" else None
-        model = build_classifier(ours, n_labels, hidden_dropout_prob=0.0, lora=lora)
+        model = build_classifier(ours, n_labels, hidden_dropout_prob=0.0, lora=LORA if spec["mode"] == "lora" else None)
         optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         forward = lambda: F.nll_loss(model(tokens, lengths), labels)
     else:
@@ -261,10 +271,7 @@ def training_step_child(spec: dict, args: argparse.Namespace) -> dict:
         model.model.load_state_dict(transformers_weights(ours))
         del ours
         if spec["mode"] == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=1, lora_dropout=0.0,
-                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+            model = with_peft_lora(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         forward = lambda: F.cross_entropy(model(input_ids=tokens).logits, labels)
     model.train()
@@ -320,8 +327,9 @@ def bench_training(args: argparse.Namespace) -> list[tuple]:
 
 
 def bench_sst(args: argparse.Namespace) -> list[tuple]:
-    """One epoch of SST fine-tuning and zero-shot scoring of SST dev, end to end from the data files: our training
-    step (the batch in micro-batches of similar lengths) against a plain loop that pads each batch to its longest."""
+    """One epoch of SST fine-tuning (full and LoRA) and zero-shot scoring of SST dev, end to end from the data files:
+    our training step (the batch in micro-batches of similar lengths) against a plain loop that pads each batch to its
+    longest."""
     tokenizer = Tokenizer(tokenizer_model=args.tokenizer)
     ours = base_model(args)
     tokenizer.check_vocab(ours.config.vocab_size, args.checkpoint or "the benchmark model")
@@ -337,9 +345,11 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
     lengths = [len(t) for t in train.token_ids]
     labels = lambda indices: torch.tensor([train.labels[i] for i in indices])
 
-    def our_epoch():
-        model = build_classifier(ours, 5, hidden_dropout_prob=0.0, lora=None).train()  # transformers' head has none
-        opt = AdamW(model.parameters(), lr=1e-5)
+    def our_epoch(mode: str) -> None:
+        # a copy: LoRA rewires the model it adapts, and the zero-shot rows below need the base model
+        model = build_classifier(copy.deepcopy(ours), 5, hidden_dropout_prob=0.0,  # transformers' head has none
+                                 lora=LORA if mode == "lora" else None).train()
+        opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         for indices in make_batches(lengths, 80, shuffle=True, generator=generator):
             opt.zero_grad(set_to_none=True)
             accumulate_gradients(model, [train.token_ids[i] for i in indices], [train.labels[i] for i in indices],
@@ -347,22 +357,24 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
                                  args.micro_batch_size, cpu)
             opt.step()
 
-    def their_epoch():
+    def their_epoch(mode: str) -> None:
         from transformers import LlamaForSequenceClassification
 
         model = LlamaForSequenceClassification(transformers_config(ours.config, num_labels=5, pad_token_id=0,
                                                                    attn_implementation="sdpa"))
         model.model.load_state_dict(transformers_weights(ours))
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model = (with_peft_lora(model) if mode == "lora" else model).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         for batch in torch.randperm(len(lengths), generator=generator).split(80):
             tokens, batch_lengths = pad_batch([train.token_ids[i] for i in batch.tolist()], 0)
             mask = (torch.arange(tokens.shape[1])[None] < batch_lengths[:, None]).long()
             optimize(opt, lambda: F.cross_entropy(model(input_ids=tokens, attention_mask=mask).logits,
                                                   labels(batch.tolist())), args)
 
-    ours_s, hf_s = seconds_once(our_epoch), seconds_once(their_epoch)
-    rows = [(f"one SST train epoch ({len(lengths)} ex), s (lower is better)", ours_s, hf_s, "once")]
+    rows = []
+    for mode, name in (("finetune", "full fine-tuning"), ("lora", "LoRA r=4 q/k/v/o")):
+        ours_s, hf_s = seconds_once(lambda: our_epoch(mode)), seconds_once(lambda: their_epoch(mode))
+        rows.append((f"one SST train epoch, {name} ({len(lengths)} ex), s (lower is better)", ours_s, hf_s, "once"))
     if args.sst_epoch:
         return rows
 
@@ -421,7 +433,7 @@ def main() -> None:
     parser.add_argument("--training", action="store_true",
                         help="only the training steps' rows: speed, model GFLOP/s, memory (minutes)")
     parser.add_argument("--sst-epoch", type=int, metavar="N", default=None,
-                        help="only the SST training epoch, on the first N training sentences (minutes, not 25)")
+                        help="only the SST training epochs (full fine-tuning, LoRA), on the first N training sentences")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="the SST epoch's micro-batches (default: run_llama.py's, cut by padding on a CPU)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

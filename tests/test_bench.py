@@ -24,7 +24,7 @@ def test_quick_bench_prints_the_whole_table():
                     "one SST train epoch",
                     "zero-shot SST dev"):
         assert measure in names
-    assert len(rows) == 1 + 9 + 6 + 2
+    assert len(rows) == 1 + 9 + 6 + 3
     assert "16/16 greedy tokens identical" in result.stdout
 
 
