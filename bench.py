@@ -7,12 +7,12 @@
   .venv/bin/python bench.py --decode --llama2c ../shared/llama2c        # the decoding rows alone (minutes)
   .venv/bin/python bench.py --training                                  # the training step rows alone
 
-Prints one table: greedy decode (fp32, int8 and fp16, each side at its best thread count up to --threads) and
-what a decoding step spends besides its products, prefill throughput, decoding memory, full fine-tuning and
-LoRA step time and peak memory (each in its own child process, so that speed and peak RSS are its own), optionally
-llama2.c's run.c and runq.c on the same weights (--llama2c DIR), and end-to-end time of one SST
-training epoch (full fine-tuning and LoRA) and of zero-shot scoring of SST dev on the real data files. Each timing is the median of
---repeats runs after a warm-up, except the SST epoch and the zero-shot scoring, which run once (minutes each).
+Prints one table: greedy decode (fp32, int8 and fp16, each side at its best thread count up to --threads) and what a
+decoding step spends besides its products, prefill throughput, decoding memory, full fine-tuning and LoRA step time
+and peak memory (each in its own child process, so that speed and peak RSS are its own), optionally llama2.c's run.c
+and runq.c on the same weights (--llama2c DIR), and end-to-end time of one SST training epoch (full fine-tuning and
+LoRA) and of zero-shot scoring of SST dev on the real data files. Each timing is the median of --repeats runs after a
+warm-up, except the SST epoch and the zero-shot scoring, which run once (minutes each).
 transformers and PEFT are needed only here and in the tests (./setup.sh --test).
 """
 import argparse

@@ -15,9 +15,10 @@ reading the weights, plus the cost of every small operation around the products.
   about 5% of a token, measured), and makes them float32 for attention and the logits. The kernel gives wrong
   sums, or crashes, when a row's length is not a multiple of its vector block (torch 2.13 on AVX2: 172 and 100
   fail, multiples of 8 pass), so it only gets rows of a multiple of 32. Elsewhere, and on other devices, the rows
-  are dequantized to the activations' dtype (float32 on the CPU) for each product: slower, never different. Fp16Linear keeps each weight in half
-  precision (off by at most 2^-11 of itself, half the bytes) and multiplies in fbgemm's fp16-weight kernel
-  with fp32 activations and sums, which needs AVX2, not the AVX512-FP16 that half-precision arithmetic would.
+  are dequantized to the activations' dtype (float32 on the CPU) for each product: slower, never different.
+  Fp16Linear keeps each weight in half precision (off by at most 2^-11 of itself, half the bytes) and multiplies
+  in fbgemm's fp16-weight kernel with fp32 activations and sums, which needs AVX2, not the AVX512-FP16 that
+  half-precision arithmetic would.
 - Fewer operations. A step of one token spends a few microseconds on every operator call whatever its size, so
   each layer of Decoder does one product for queries, keys and values together and one for the gate and up
   projections together (the matrices concatenated at load, the queries' already divided by sqrt(head_dim)),
