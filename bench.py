@@ -308,6 +308,7 @@ def bench_training(args: argparse.Namespace) -> list[tuple]:
     config = base_model(args).config
     rows = []
     for batch, seqlen in sizes:
+        gemm = gemm_gflops(batch * seqlen, config, args)  # one reference for both modes' rows
         for mode in ("finetune", "lora"):
             result = {}
             for impl in ("ours", "transformers"):
@@ -319,7 +320,7 @@ def bench_training(args: argparse.Namespace) -> list[tuple]:
                          f"step {ours_s:.2f} s vs {their_s:.2f} s"))
             gflop = step_gflop(config, batch, seqlen, trains_weights=mode == "finetune")
             rows.append((f"{name}, model GFLOP/s (peer: this machine's fp32 GEMM of the step's widest shape)",
-                         gflop / ours_s, gemm_gflops(batch * seqlen, config, args),
+                         gflop / ours_s, gemm,
                          f"transformers {gflop / their_s:.1f}; {gflop:.1f} GFLOP a step"))
             rows.append((f"{name}, peak RSS MB (lower is better)", result["ours"]["peak_mb"],
                          result["transformers"]["peak_mb"], ""))

@@ -4,7 +4,8 @@ import torch
 
 from conftest import TOK512, asset
 from classifier import prompt_suffix_text
-from data import MAX_PADDING, Example, make_batches, micro_batches, pad_batch, read_label_names, read_labeled_data, shard, tokenize
+from data import (MAX_PADDING, Example, make_batches, micro_batches, pad_batch, read_label_names, read_labeled_data,
+                  shard, tokenize)
 from tokenizer import Tokenizer
 from utils import UsageError
 
