@@ -182,7 +182,9 @@ def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Sp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, default="sst2")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 1, 2, ..., N")
+    parser.add_argument("--seeds", type=int, default=5, help="how many seeds: first-seed, first-seed + 1, ...")
+    parser.add_argument("--first-seed", type=int, default=1,
+                        help="the first seed (to add seeds to an earlier run: its seeds are deterministic)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--checkpoint", default="stories260K.pt")
     parser.add_argument("--tokenizer", default="tok512.model")
@@ -194,23 +196,26 @@ def main() -> None:
                              "run_llama.py's, cut by padding)")
     parser.add_argument("--length-noise", type=float, default=0.5, help="ours-noisy: the noise's width")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds: {args.seeds}; give at least 1")
     variants = args.variants.split(",")
     for v in variants:
         if v not in VARIANTS:
             parser.error(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     tokenizer = Tokenizer(args.tokenizer)
     max_seq_len = load_pretrained(args.checkpoint).config.max_seq_len
     train = load(task.train, task, task.n_train, tokenizer, max_seq_len)
     dev = load(task.dev, task, 0, tokenizer, max_seq_len)
     print(f"{args.task}: {len(train.labels)} train / {len(dev.labels)} dev, {task.epochs} epochs, lr {task.lr}, "
-          f"batch {task.batch_size}, seeds 1-{args.seeds}, {args.checkpoint}", flush=True)
+          f"batch {task.batch_size}, seeds {seeds[0]}-{seeds[-1]}, {args.checkpoint}", flush=True)
     print("| variant | dev accuracy per seed | mean | std. error | padding per real token | s per epoch |")
     print("| --- | --- | ---: | ---: | ---: | ---: |", flush=True)
     for variant in variants:
         runs = []
-        for seed in range(1, args.seeds + 1):
+        for seed in seeds:
             runs.append(run(variant, task, seed, args, train, dev, tokenizer.pad_id))
             print(f"{variant}, seed {seed}: dev accuracy {runs[-1][0]:.3f}", file=sys.stderr, flush=True)
         accs = [r[0] for r in runs]
