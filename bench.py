@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Callable, ContextManager
 
+import threadpoolctl
 import torch
 import torch.nn.functional as F
 
@@ -153,10 +154,16 @@ def best_thread_count(speed: Callable[[int], float], args: argparse.Namespace) -
     it (on 2 cores a decoding step is often faster on one thread than split across two)."""
     results = []
     for threads in range(1, args.threads + 1):
-        torch.set_num_threads(threads)
+        set_threads(threads)
         results.append((speed(threads), threads))
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     return max(results)
+
+
+def set_threads(n: int) -> None:
+    """PyTorch's threads and numpy's BLAS's (where fp32 decoding's products run): a thread count is both."""
+    torch.set_num_threads(n)
+    threadpoolctl.threadpool_limits(n, user_api="blas")
 
 
 def step_budget(model: Decoder, prompt: torch.Tensor, new: int, args: argparse.Namespace) -> tuple[float, int]:
@@ -188,7 +195,7 @@ def decode_child(spec: dict, args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         tokens_per_s, threads = best_thread_count(lambda _: median_seconds(
             lambda: decode_tokens_per_second(model, prompt, spec["new"]), args.repeats, result=True), args)
-        torch.set_num_threads(threads)
+        set_threads(threads)
         besides_ms, calls = step_budget(model, prompt, spec["new"], args)
     with open("/proc/self/statm") as f:
         resident_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -439,7 +446,7 @@ def main() -> None:
                         help="the SST epoch's micro-batches (default: run_llama.py's, cut by padding on a CPU)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps((decode_child if spec["mode"] == "decode" else training_step_child)(spec, args)))

@@ -3,10 +3,17 @@
 
 Decoding one token reads every weight matrix once and does two flops per weight, so its speed is the speed of
 reading the weights, plus the cost of every small operation around the products. Decoder keeps both low:
-- Layout. nn.Linear keeps a weight as (out, in) and multiplies by its transpose; for a single row of input,
-  MKL's product with the weight stored (in, out) reads it about 1.5x faster on this project's CPUs (measured:
-  a stories42M token's products take 20-22 ms against 29-34 ms, the 32000 x 512 output matrix 5.4-6.3 ms
-  against 11-14 ms). TransposedLinear stores it that way: the same numbers, the same memory.
+- Layout and library. nn.Linear keeps a weight as (out, in) and multiplies by its transpose; for a single row
+  of input, MKL's product with the weight stored (in, out) reads it about 1.5x faster on this project's CPUs
+  (measured: a stories42M token's products take 20-22 ms against 29-34 ms, the 32000 x 512 output matrix
+  5.4-6.3 ms against 11-14 ms). TransposedLinear stores it that way: the same numbers, the same memory. On the
+  CPU it multiplies in numpy's BLAS (OpenBLAS), which splits a single row's product across threads where
+  PyTorch's MKL runs it on one (measured on 2 cores, a stories42M token's 33 products: 7-10 ms against 13-15,
+  whatever PyTorch's thread count). The two libraries keep pools of threads that spin while they wait for
+  work, and on a machine with few cores each pool's spinning starves the other (a token took 110 ms instead
+  of 13, measured), so the fp32 step runs PyTorch's own small operations on one thread (too small to split
+  anyway) and sets the caller's thread count back after it. numpy's BLAS threads follow OMP_NUM_THREADS (or
+  OPENBLAS_NUM_THREADS).
 - Size. Int8Linear keeps each row (one output feature) as int8 with one scale, W[i] ~ scale[i] * q[i] with q in
   [-127, 127], so every weight is off by at most half a step, scale[i] / 2 = max|W[i]| / 254: a quarter of
   the bytes. Activations stay floating point. On the CPU the products run in PyTorch's int8-weight kernel,
@@ -22,21 +29,38 @@ reading the weights, plus the cost of every small operation around the products.
 - Fewer operations. A step of one token spends a few microseconds on every operator call whatever its size, so
   each layer of Decoder does one product for queries, keys and values together and one for the gate and up
   projections together (the matrices concatenated at load, the queries' already divided by sqrt(head_dim)),
-  normalises in five small kernels, rotates queries and keys in one multiplication, and attends a single
-  query with two small products, not scaled_dot_product_attention's general kernel (about 40 us a call on
-  this CPU, for a few hundred flops).
+  normalises in five small kernels, rotates queries and keys and passes the values through in one complex
+  multiplication (the values' factor is 1 + 0i, exact; with the split into queries, keys and values, 15 operator
+  calls a layer became 7), and attends a single query with two small products, not scaled_dot_product_attention's
+  general kernel (about 40 us a call on this CPU, for a few hundred flops).
 The token embeddings read their rows from the output matrix's new form when the two are tied (stored once).
 """
+import contextlib
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from config import LlamaConfig
 from llama import Generation, KVCache, Llama, LlamaLayer, attention_mask
-from rope import rotate
+
+
+def numpy_view(weight: torch.Tensor) -> Optional[np.ndarray]:
+    """The float32 CPU weight as numpy sees it (the same memory), made once: .numpy() is four operator calls."""
+    return weight.numpy() if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class TransposedLinear(nn.Module):
@@ -46,8 +70,22 @@ class TransposedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight_t", weight.detach().t().contiguous())
+        self.weight_np = numpy_view(self.weight_t)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.weight_np = numpy_view(self.weight_t)  # wherever the weight moves
+        return self
+
+    def in_numpy(self, x: torch.Tensor) -> bool:
+        """Whether x is multiplied in numpy's BLAS (see the top): float32 on the CPU, outside autocast."""
+        return (self.weight_np is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_numpy(x):
+            rows = x.reshape(-1, self.in_features).numpy()
+            return torch.from_numpy(rows @ self.weight_np).view(*x.shape[:-1], self.out_features)
         return x @ self.weight_t
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
@@ -158,15 +196,16 @@ class DecoderLayer(nn.Module):
         self.w13 = decoding_linear(torch.cat([feed_forward.w1.weight, feed_forward.w3.weight]), quantize)
         self.w2 = decoding_linear(feed_forward.w2.weight, quantize)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: Optional[KVCache],
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor, cache: Optional[KVCache],
                 start_pos: int) -> torch.Tensor:
+        """x (batch, seqlen, dim) at positions start_pos..; rotations (seqlen, heads, head_dim // 2): Decoder's."""
         batch_size, seqlen, _ = x.shape
         n_heads, n_kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         # (batch, seqlen, (n_heads + 2 n_kv_heads) head_dim)
         qkv = self.wqkv(rms_norm(x, self.attention_norm, self.eps)).float()
-        query_key = rotate(qkv[..., :(n_heads + n_kv_heads) * head_dim].unflatten(-1, (-1, head_dim)), freqs_cis)
-        query, key = query_key.transpose(1, 2).split([n_heads, n_kv_heads], dim=1)  # (batch, heads, seqlen, hd)
-        value = qkv[..., (n_heads + n_kv_heads) * head_dim:].unflatten(-1, (n_kv_heads, head_dim)).transpose(1, 2)
+        pairs = torch.view_as_complex(qkv.view(batch_size, seqlen, -1, head_dim // 2, 2))
+        qkv = torch.view_as_real(pairs * rotations).flatten(-2).transpose(1, 2)  # (batch, heads, seqlen, head_dim)
+        query, key, value = qkv.split([n_heads, n_kv_heads, n_kv_heads], dim=1)
         if cache is not None:
             key, value = cache.update(key, value, start_pos)
         if seqlen == 1:
@@ -213,6 +252,8 @@ class Decoder(nn.Module, Generation):
         model.output = model.tok_embeddings = nn.Identity()
         self.tok_embeddings = TableEmbedding(table)
         self.freqs_cis = model.freqs_cis  # (max_seq_len, head_dim // 2) complex64, where the weights are
+        self.identity = torch.ones(1, model.config.n_kv_heads, model.config.head_dim // 2, dtype=self.freqs_cis.dtype,
+                                   device=self.freqs_cis.device)
 
     def forward(self, tokens: torch.Tensor, kv_caches: Optional[list[KVCache]] = None, start_pos: int = 0,
                 all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,12 +261,18 @@ class Decoder(nn.Module, Generation):
         seqlen = tokens.shape[1]
         if start_pos + seqlen > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + seqlen} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]
+        # each head's rotation at these positions, the values' the identity: the layers rotate queries and keys
+        # and pass the values through in one complex multiplication (by 1 + 0i, exact)
+        freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen, None]  # (seqlen, 1, head_dim // 2)
+        rotations = torch.cat([freqs_cis.expand(-1, self.config.n_heads + self.config.n_kv_heads, -1),
+                               self.identity.expand(seqlen, -1, -1)], dim=1)
         h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, kv_caches[i] if kv_caches else None, start_pos)
-        h = rms_norm(h, self.norm, self.eps)
-        return self.output(h if all_logits else h[:, -1:]).float(), h
+        numpy_products = isinstance(self.output, TransposedLinear) and self.output.in_numpy(h)
+        with torch_threads(1) if numpy_products else contextlib.nullcontext():  # see the top
+            for i, layer in enumerate(self.layers):
+                h = layer(h, rotations, kv_caches[i] if kv_caches else None, start_pos)
+            h = rms_norm(h, self.norm, self.eps)
+            return self.output(h if all_logits else h[:, -1:]).float(), h
 
 
 def prepare_for_decoding(model: Llama, quantize: Optional[str] = None) -> Decoder:

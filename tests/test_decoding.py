@@ -72,6 +72,33 @@ def test_the_fp32_decoder_computes_what_the_model_computes(tied):
         assert torch.equal(prepared.generate(tokens[:, :3], 20, temperature=0.0, use_cache=False), expected)
 
 
+def test_fp32_products_run_in_numpy_while_pytorch_keeps_one_thread():
+    """On the CPU, fp32 products go to numpy's BLAS and PyTorch runs on one thread meanwhile (two pools of spinning
+    threads on two cores: a stories42M token took 110 ms instead of 13); the caller's thread count comes back.
+    Under autocast, and for weights that are not float32, PyTorch's product runs as before."""
+    torch.manual_seed(0)
+    prepared = prepare_for_decoding(Llama(tiny_config()).eval())
+    product, seen = prepared.layers[0].wqkv, []
+    multiply = product.forward
+    product.forward = lambda x: (seen.append((torch.get_num_threads(), product.in_numpy(x))), multiply(x))[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        prepared.generate(torch.tensor([[1, 5, 7]]), 4, temperature=0.0)
+        assert seen == [(1, True)] * 4 and torch.get_num_threads() == 2
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+            logits, _ = prepared(torch.tensor([[1, 5]]))
+        assert seen == [(2, False)] and torch.isfinite(logits).all()
+    finally:
+        torch.set_num_threads(threads)
+    x = torch.randn(3, 64)
+    layer = TransposedLinear(torch.randn(32, 64))
+    torch.testing.assert_close(layer(x), x @ layer.weight_t)
+    layer.double()  # numpy's view follows the weight: none for float64
+    assert layer.weight_np is None and layer(x.double()).dtype == torch.float64
+
+
 @pytest.fixture(scope="module")
 def models():
     model = load_pretrained(asset(STORIES260K)).eval()
