@@ -130,7 +130,7 @@ def bench_inference(args: argparse.Namespace) -> list[tuple]:
               f"{result['calls']} operator calls a step, {result['calls'] / ours.config.n_layers:.0f} per layer")
              for q, result in decoding.items()]
     if args.llama2c:
-        rows += llama2c_rows(ours, speeds, new, args)
+        rows += llama2c_rows(ours, speeds, {q: result["products_ms"] for q, result in decoding.items()}, new, args)
     if args.decode:
         return rows
     weights = f"weights {decoding['int8']['weight_mb']:.0f} vs {decoding['fp32']['weight_mb']:.0f} MB"
@@ -169,8 +169,7 @@ def set_threads(n: int) -> None:
 def step_budget(model: Decoder, prompt: torch.Tensor, new: int, args: argparse.Namespace) -> tuple[float, int]:
     """What a decoding step spends besides its weight products, in ms (the step timed with every product
     replaced by a ready-made output of its shape), and its operator calls (top-level, views included)."""
-    products = [getattr(layer, name) for layer in model.layers for name in ("wqkv", "wo", "w13", "w2")]
-    products.append(model.output)
+    products = model.products()
     for product in products:
         product.forward = lambda x, out=torch.zeros(1, 1, product.out_features): out
     try:
@@ -186,6 +185,21 @@ def step_budget(model: Decoder, prompt: torch.Tensor, new: int, args: argparse.N
     return 1e3 / tokens_per_s, calls
 
 
+def products_ms(model: Decoder, args: argparse.Namespace) -> float:
+    """A decoding step's weight products alone, in ms: each on an input of its shape, in the step's thread setting.
+    Beside llama2.c's whole token, the floor of what this library's kernels allow."""
+    products = model.products()
+    inputs = [torch.randn(1, 1, product.in_features) for product in products]
+    rounds = 20  # a step's products take milliseconds: each timing spans 20 of them
+
+    def steps() -> None:
+        with model.step_threads(inputs[0]):
+            for _ in range(rounds):
+                for product, x in zip(products, inputs):
+                    product(x)
+    return 1e3 * median_seconds(steps, args.repeats) / rounds
+
+
 def decode_child(spec: dict, args: argparse.Namespace) -> dict:
     """Runs in a child process: load (or make) the model in one decoding mode; its speed at its best thread count,
     what a step spends besides its products, and its memory."""
@@ -196,17 +210,21 @@ def decode_child(spec: dict, args: argparse.Namespace) -> dict:
         tokens_per_s, threads = best_thread_count(lambda _: median_seconds(
             lambda: decode_tokens_per_second(model, prompt, spec["new"]), args.repeats, result=True), args)
         set_threads(threads)
+        products = products_ms(model, args)
         besides_ms, calls = step_budget(model, prompt, spec["new"], args)
     with open("/proc/self/statm") as f:
         resident_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     return {"tokens_per_s": tokens_per_s, "threads": threads, "besides_ms": besides_ms, "calls": calls,
-            "peak_mb": peak_rss_mb(), "resident_mb": resident_mb, "weight_mb": weight_megabytes(model)}
+            "products_ms": products, "peak_mb": peak_rss_mb(), "resident_mb": resident_mb,
+            "weight_mb": weight_megabytes(model)}
 
 
-def llama2c_rows(ours: Llama, speeds: dict[str, tuple[float, int]], new: int, args: argparse.Namespace) -> list[tuple]:
+def llama2c_rows(ours: Llama, speeds: dict[str, tuple[float, int]], products_ms: dict[str, float], new: int,
+                 args: argparse.Namespace) -> list[tuple]:
     """llama2.c's run.c (fp32) and runq.c (int8, Q8_0 groups of 64) on the same weights, built here with
     -Ofast -fopenmp -march=native and exported by its own export.py; both print the speed they achieved, the
-    median of --repeats runs at their best thread count."""
+    median of --repeats runs at their best thread count. Beside each of our modes' speeds, its products alone
+    against llama2.c's whole token: where they take longer, no cut in the rest of our step can catch up."""
     import tempfile
 
     source = os.path.abspath(args.llama2c)
@@ -232,10 +250,13 @@ def llama2c_rows(ours: Llama, speeds: dict[str, tuple[float, int]], new: int, ar
                       llama2c_speed(os.path.join(work, program), weights, source, new, threads)
                       for _ in range(args.repeats)), args)
                   for program, weights in (("run", v0), ("runq", q80))}
-    return [(f"greedy decode {q}, tok/s (vs llama2.c {name})", speeds[q][0], theirs[program][0],
+    peers = (("fp32", "run", "run.c"), ("int8", "runq", "runq.c Q8_0"), ("fp16", "run", "run.c fp32"))
+    rows = [(f"greedy decode {q}, tok/s (vs llama2.c {name})", speeds[q][0], theirs[program][0],
              f"{at(speeds[q])} vs {at(theirs[program])}; llama2.c: achieved tok/s")
-            for q, program, name in (("fp32", "run", "run.c"), ("int8", "runq", "runq.c Q8_0"),
-                                     ("fp16", "run", "run.c fp32"))]
+            for q, program, name in peers]
+    return rows + [(f"decode {q}: our products alone, ms per token (vs llama2.c {name}'s whole token; lower is better)",
+                    products_ms[q], 1e3 / theirs[program][0], f"at {at(speeds[q])}")
+                   for q, program, name in peers]
 
 
 def llama2c_speed(program: str, weights: str, source: str, new: int, threads: int) -> float:

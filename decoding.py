@@ -37,7 +37,7 @@ The token embeddings read their rows from the output matrix's new form when the 
 """
 import contextlib
 import time
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import numpy as np
 import torch
@@ -267,12 +267,20 @@ class Decoder(nn.Module, Generation):
         rotations = torch.cat([freqs_cis.expand(-1, self.config.n_heads + self.config.n_kv_heads, -1),
                                self.identity.expand(seqlen, -1, -1)], dim=1)
         h = self.tok_embeddings(tokens)
-        numpy_products = isinstance(self.output, TransposedLinear) and self.output.in_numpy(h)
-        with torch_threads(1) if numpy_products else contextlib.nullcontext():  # see the top
+        with self.step_threads(h):
             for i, layer in enumerate(self.layers):
                 h = layer(h, rotations, kv_caches[i] if kv_caches else None, start_pos)
             h = rms_norm(h, self.norm, self.eps)
             return self.output(h if all_logits else h[:, -1:]).float(), h
+
+    def step_threads(self, h: torch.Tensor) -> ContextManager:
+        """PyTorch's threads during a step on h: one while numpy's BLAS multiplies (see the top)."""
+        numpy_products = isinstance(self.output, TransposedLinear) and self.output.in_numpy(h)
+        return torch_threads(1) if numpy_products else contextlib.nullcontext()
+
+    def products(self) -> list[nn.Module]:
+        """The weight products of a step, in order."""
+        return [getattr(layer, name) for layer in self.layers for name in ("wqkv", "wo", "w13", "w2")] + [self.output]
 
 
 def prepare_for_decoding(model: Llama, quantize: Optional[str] = None) -> Decoder:

@@ -99,6 +99,19 @@ def test_fp32_products_run_in_numpy_while_pytorch_keeps_one_thread():
     assert layer.weight_np is None and layer(x.double()).dtype == torch.float64
 
 
+@pytest.mark.parametrize("quantize", [None, "int8", "fp16"])
+def test_products_lists_every_weight_product_of_a_step(quantize):
+    """bench.py times a step without its products and the products alone from this list: a product missing from it
+    would be counted as part of the rest, and one listed twice, twice."""
+    torch.manual_seed(0)
+    prepared = prepare_for_decoding(Llama(tiny_config(), tied_embeddings=True).eval(), quantize)
+    kinds = (TransposedLinear, Int8Linear, Fp16Linear)
+    listed = prepared.products()
+    assert len(listed) == 4 * len(prepared.layers) + 1 == len({id(m) for m in listed})
+    # tied: the output matrix is the embedding table as well, not a module of its own
+    assert {id(m) for m in listed} == {id(m) for m in prepared.modules() if isinstance(m, kinds)}
+
+
 @pytest.fixture(scope="module")
 def models():
     model = load_pretrained(asset(STORIES260K)).eval()
