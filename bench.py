@@ -22,6 +22,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from settings import LoRASettings
 from train import accumulate_gradients
 from tokenizer import Tokenizer
 from transformers_oracle import to_transformers, transformers_config, transformers_weights
+from utils import ArgumentParser, UsageError, exit_status, require_extra, require_file, require_positive
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -445,8 +447,29 @@ def forwarded_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Everything the chosen rows need, before minutes of measuring: a UsageError names what is missing."""
+    require_positive({"--threads": args.threads, "--repeats": args.repeats, "--sst-epoch": args.sst_epoch,
+                      "--micro-batch-size": args.micro_batch_size})
+    require_extra("transformers", "bench.py's comparisons")
+    if args.checkpoint and not os.path.isdir(args.checkpoint):  # a folder is a Hugging Face model
+        require_file("--checkpoint", args.checkpoint, "pass a llama2.c .pt or .bin file or a Hugging Face folder")
+    if not args.decode:
+        require_extra("peft", "bench.py's LoRA rows (or time --decode alone)")
+    if not (args.decode or args.training):
+        require_file("--tokenizer", args.tokenizer, "run ./setup.sh, or pass the tokenizer of --checkpoint")
+        for path in ("data/sst-train.txt", "data/sst-dev.txt", "data/sst-label-mapping.json"):
+            require_file("SST data", path, "run ./setup.sh to fetch the data (the SST rows read it)")
+    if args.llama2c:
+        for name in ("run.c", "runq.c", "export.py", "model.py", "tokenizer.bin"):
+            require_file("--llama2c", os.path.join(args.llama2c, name), "pass a llama2.c checkout")
+        if shutil.which("gcc") is None:
+            raise UsageError("--llama2c: gcc is not on PATH; install it to build run.c and runq.c, or leave out "
+                             "--llama2c")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="time a real checkpoint instead of random weights")
     parser.add_argument("--tokenizer", default="tokenizer.model", help="for the SST rows; must match the model")
     parser.add_argument("--threads", type=int, default=2)
@@ -467,6 +490,8 @@ def main() -> None:
                         help="the SST epoch's micro-batches (default: run_llama.py's, cut by padding on a CPU)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.child:
+        check_flags(args)
     set_threads(args.threads)
     if args.child:
         spec = json.loads(args.child)
@@ -494,4 +519,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

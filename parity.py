@@ -30,6 +30,7 @@ tokens per real token of the training batches, and training seconds per epoch. t
 """
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -47,6 +48,7 @@ from runtime import Runtime, seed_everything
 from tokenizer import Tokenizer
 from train import accumulate_gradients
 from transformers_oracle import transformers_config, transformers_weights
+from utils import ArgumentParser, UsageError, exit_status, require_extra, require_file, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +182,7 @@ def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Sp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, default="sst2")
     parser.add_argument("--seeds", type=int, default=5, help="how many seeds: first-seed, first-seed + 1, ...")
     parser.add_argument("--first-seed", type=int, default=1,
@@ -196,19 +198,26 @@ def main() -> None:
                              "run_llama.py's, cut by padding)")
     parser.add_argument("--length-noise", type=float, default=0.5, help="ours-noisy: the noise's width")
     args = parser.parse_args()
-    if args.seeds < 1:
-        parser.error(f"--seeds: {args.seeds}; give at least 1")
+    require_positive({"--seeds": args.seeds, "--threads": args.threads, "--chunk-batches": args.chunk_batches,
+                      "--micro-batch-size": args.micro_batch_size})
+    if args.length_noise < 0:
+        raise UsageError(f"--length-noise {args.length_noise}: give a width of at least 0")
     variants = args.variants.split(",")
     for v in variants:
         if v not in VARIANTS:
-            parser.error(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
-    torch.set_num_threads(args.threads)
+            raise UsageError(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+    if "transformers" in variants:
+        require_extra("transformers", "parity.py's transformers variant")
     task = TASKS[args.task]
     seeds = range(args.first_seed, args.first_seed + args.seeds)
+    if not os.path.isdir(args.checkpoint):  # a folder is a Hugging Face model
+        require_file("--checkpoint", args.checkpoint, "run ./setup.sh, or pass a llama2.c .pt or .bin file")
     tokenizer = Tokenizer(args.tokenizer)
-    max_seq_len = load_pretrained(args.checkpoint).config.max_seq_len
-    train = load(task.train, task, task.n_train, tokenizer, max_seq_len)
-    dev = load(task.dev, task, 0, tokenizer, max_seq_len)
+    config = load_pretrained(args.checkpoint).config
+    tokenizer.check_vocab(config.vocab_size, args.checkpoint)
+    train = load(task.train, task, task.n_train, tokenizer, config.max_seq_len)
+    dev = load(task.dev, task, 0, tokenizer, config.max_seq_len)
+    torch.set_num_threads(args.threads)
     print(f"{args.task}: {len(train.labels)} train / {len(dev.labels)} dev, {task.epochs} epochs, lr {task.lr}, "
           f"batch {task.batch_size}, seeds {seeds[0]}-{seeds[-1]}, {args.checkpoint}", flush=True)
     print("| variant | dev accuracy per seed | mean | std. error | padding per real token | s per epoch |")
@@ -226,4 +235,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -56,7 +56,7 @@ from settings import (DEFAULT_MODEL, ClassifySettings, DataSettings, ExportSetti
                       LoRASettings, ModelFiles, RunFiles, Settings, TrainingSettings)
 from tokenizer import TOKENIZER_MODEL
 from train import fit
-from utils import UsageError, check_outputs, held_outputs, write_text_atomic
+from utils import ArgumentParser, UsageError, check_outputs, held_outputs, write_text_atomic
 
 ASSIGNMENT_PREFIX = ("I have wanted to see this thriller for a while, and it didn't disappoint. "
                      "Keanu Reeves, playing the hero John Wick, is")
@@ -67,25 +67,6 @@ CFIMDB = {"--train": "data/cfimdb-train.txt", "--dev": "data/cfimdb-dev.txt", "-
 
 # ---------------------------------------------------------------------------------------------------------
 # flags
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are UsageErrors (one line, exit status 2) and that takes --a-b and --a_b alike."""
-
-    def error(self, message: str) -> None:
-        raise UsageError(message)
-
-    def parse_known_args(self, args: Optional[list[str]] = None, namespace: Any = None) -> Any:
-        args = sys.argv[1:] if args is None else list(args)
-        spellings = {flag.replace("-", "_"): flag for flag in self._option_string_actions if flag.startswith("--")}
-        normalised = []
-        for i, arg in enumerate(args):
-            if arg == "--":
-                normalised += args[i:]
-                break
-            flag, eq, value = arg.partition("=")
-            normalised.append(spellings.get(flag.replace("-", "_"), flag) + eq + value if arg.startswith("--") else arg)
-        return super().parse_known_args(normalised, namespace)
-
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:

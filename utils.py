@@ -1,16 +1,19 @@
-"""The bottom layer, importable from anywhere: the user-facing error type, and files handled safely (checks of
-output paths before any work, locks that keep two runs off one file, atomic writes that a signal cannot cut,
-loads that run no code, hashes)."""
+"""The bottom layer, importable from anywhere: the user-facing error type and the command-line plumbing that turns
+bad input into one line, and files handled safely (checks of output paths before any work, locks that keep two
+runs off one file, atomic writes that a signal cannot cut, loads that run no code, hashes)."""
+import argparse
 import fcntl
 import hashlib
+import importlib.util
 import os
 import signal
 import socket
 import stat
+import sys
 import tempfile
 import threading
 from contextlib import ExitStack, contextmanager
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import torch
 
@@ -18,6 +21,49 @@ import torch
 class UsageError(Exception):
     """A problem with the user's input (a file, a flag, a value). The message names the culprit and the fix;
     run_llama.main() prints it on one line and exits with status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors (one line, exit status 2) and that takes --a-b and --a_b alike."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+    def parse_known_args(self, args: Optional[list[str]] = None, namespace: Any = None) -> Any:
+        args = sys.argv[1:] if args is None else list(args)
+        spellings = {flag.replace("-", "_"): flag for flag in self._option_string_actions if flag.startswith("--")}
+        normalised = []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                normalised += args[i:]
+                break
+            flag, eq, value = arg.partition("=")
+            normalised.append(spellings.get(flag.replace("-", "_"), flag) + eq + value if arg.startswith("--") else arg)
+        return super().parse_known_args(normalised, namespace)
+
+
+def exit_status(main: Callable[[], None]) -> int:
+    """A script's exit status: 0, or 2 with the message of a UsageError on one line of stderr."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def require_positive(flags: dict[str, Optional[int]]) -> None:
+    """Each flag's count at least 1 (None: not given), or a UsageError naming the first that is not."""
+    for flag, value in flags.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: give at least 1")
+
+
+def require_extra(module: str, needed_for: str) -> None:
+    """An optional package (a test extra) that a script needs, or a UsageError saying how to install it."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{module} is not installed and is needed for {needed_for}; run ./setup.sh --test "
+                         f"(or pip install -r requirements-test.txt)")
 
 
 def require_file(flag: str, path: str, fix: str) -> None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: where setup.sh put the assets, and tiny configs."""
+"""Shared fixtures: where setup.sh put the assets, tiny configs, and a script's one-line error."""
 import os
 import sys
 
@@ -35,3 +35,20 @@ def tiny_config(**overrides) -> LlamaConfig:
 def tiny_model() -> Llama:
     torch.manual_seed(0)
     return Llama(tiny_config()).eval()
+
+
+
+def one_line_error(main, argv: list[str], monkeypatch, capsys) -> str:
+    """Runs a script's main (bench.py's, parity.py's) on bad input, as `python script.py argv` from the repo root
+    would: it must end with status 2 and one line on stderr, having printed no table row (nothing measured); the
+    line is returned."""
+    from utils import exit_status
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["script.py", *argv])
+    assert exit_status(main) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "| " not in out
+    return lines[0]

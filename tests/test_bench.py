@@ -5,10 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import bench
-from conftest import ROOT, asset
+from conftest import ROOT, asset, one_line_error
 
 
 def test_quick_bench_prints_the_whole_table():
@@ -55,3 +56,17 @@ def test_a_step_s_model_flops_are_what_torch_counts_for_the_layers():
     forward = products + attention
     assert products > 0 and abs(bench.step_gflop(config, batch, seqlen, trains_weights=True) * 1e9 - 3 * forward) < 1
     assert abs(bench.step_gflop(config, batch, seqlen, trains_weights=False) * 1e9 - 2 * forward) < 1
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--decode", "--llama2c", "{tmp}"], ["--llama2c", "run.c", "llama2.c checkout"]),
+    (["--decode", "--threads", "0"], ["--threads 0", "at least 1"]),
+    (["--decode", "--checkpoint", "{tmp}/nope.pt"], ["--checkpoint", "nope.pt", "no such file"]),
+    (["--tokenizer", "{tmp}/nope.model"], ["--tokenizer", "nope.model"]),
+    (["--sst-epoch", "0"], ["--sst-epoch 0"]),
+])
+def test_bad_flags_end_in_one_line_before_any_measuring(tmp_path, monkeypatch, capsys, argv, words):
+    """Every flag is checked first: --llama2c used to fail after several minutes of measuring, with a traceback."""
+    line = one_line_error(bench.main, [arg.replace("{tmp}", str(tmp_path)) for arg in argv], monkeypatch, capsys)
+    for word in words:
+        assert word in line, line

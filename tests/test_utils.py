@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from utils import (UsageError, atomic_write, check_outputs, file_sha256, held_outputs, load_tensors, require_file,
-                   write_text_atomic)
+from utils import (UsageError, atomic_write, check_outputs, file_sha256, held_outputs, load_tensors, require_extra,
+                   require_file, write_text_atomic)
 
 
 def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
@@ -143,3 +143,9 @@ def test_an_output_is_held_by_one_process_until_it_ends(tmp_path):
     with held_outputs([("--filepath", path)]):  # a killed holder blocks nothing
         assert os.path.exists(tmp_path / ".model.pt.lock")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_extra_says_how_to_install_it():
+    require_extra("torch", "anything")
+    with pytest.raises(UsageError, match=r"no_such_package_xyz is not installed .*setup.sh --test"):
+        require_extra("no_such_package_xyz", "a comparison")
