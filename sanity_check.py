@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from llama import load_pretrained
-from utils import UsageError
+from utils import UsageError, load_tensors
 
 CHECKPOINT = "stories42M.pt"
 REFERENCE = "sanity_check.data"
@@ -32,8 +32,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"and copies {REFERENCE})", file=sys.stderr)
             return 2
     torch.manual_seed(1337)
-    reference = torch.load(REFERENCE)
     try:
+        reference = load_tensors(REFERENCE, "reference", "run ./setup.sh to copy it again")
+        if not (isinstance(reference, dict) and {"logits", "hidden_states"} <= reference.keys()):
+            raise UsageError(f"reference {REFERENCE}: no logits and hidden_states in it; run ./setup.sh to copy it "
+                             f"again")
         llama = load_pretrained(CHECKPOINT).eval()
     except UsageError as e:
         print(f"sanity_check: {e}", file=sys.stderr)
