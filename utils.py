@@ -20,7 +20,7 @@ import torch
 
 class UsageError(Exception):
     """A problem with the user's input (a file, a flag, a value). The message names the culprit and the fix;
-    run_llama.main() prints it on one line and exits with status 2."""
+    run_llama.main(), and exit_status for the other scripts, print it on one line and exit with status 2."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
