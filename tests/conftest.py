@@ -37,7 +37,6 @@ def tiny_model() -> Llama:
     return Llama(tiny_config()).eval()
 
 
-
 def one_line_error(main, argv: list[str], monkeypatch, capsys) -> str:
     """Runs a script's main (bench.py's, parity.py's) on bad input, as `python script.py argv` from the repo root
     would: it must end with status 2 and one line on stderr, having printed no table row (nothing measured); the
