@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import os
 import random
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from torch import nn
 
 from classifier import LlamaEmbeddingClassifier, build_classifier
 from llama import Llama, load_pretrained
-from lora import merge_lora
+from lora import ALL_TARGETS, merge_lora
+from runtime import DTYPES
 from settings import DEFAULT_MODEL, LoRASettings, Settings
 from tokenizer import Tokenizer
 from utils import UsageError, file_sha256, load_tensors, require_file, save_atomic
@@ -26,13 +27,56 @@ CHECKPOINT_FORMAT = "minllama2-classifier"
 STATE_FORMAT = "minllama2-training-state"
 
 
-# What each file must hold, and of which type, before any of it is used.
+# What each file must hold before any of it is used: a field (dotted: within a field) and what its value must be.
+def _kind(*kinds: type) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _kind(int)(value) and value > 0
+
+
+def _strings(allowed: Optional[tuple[str, ...]] = None) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and len(value) > 0 and all(
+        isinstance(item, str) and (allowed is None or item in allowed) for item in value)
+
+
+_MISSING = object()
+_FILE = {"path": _kind(str), "relpath": _kind(str), "fingerprint": _kind(str)}
 _FIELDS = {
-    CHECKPOINT_FORMAT: {"training": dict, "trainable": dict, "base_model": dict, "tokenizer": dict,
-                        "label_names": list, "history": list, "hidden_dropout_prob": float},
-    STATE_FORMAT: {"training": dict, "trainable": dict, "optimizer": dict, "scaler": dict, "rng": list,
-                   "epoch": int, "best_dev_acc": float, "history": list},
+    CHECKPOINT_FORMAT: {
+        "training": _kind(dict), "training.--batch_size": _positive_int, "training.--dtype": lambda v: v in DTYPES,
+        "trainable": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+        **{f"base_model.{key}": check for key, check in _FILE.items()}, "base_model.model_args": _kind(dict),
+        **{f"tokenizer.{key}": check for key, check in _FILE.items()},
+        "label_names": _strings(), "history": _kind(list),
+        "hidden_dropout_prob": lambda v: _kind(float, int)(v) and 0 <= v < 1,
+        "max_sentence_len": lambda v: v is None or _positive_int(v),
+        "lora": lambda v: v is None or isinstance(v, dict),
+        "lora.rank": _positive_int, "lora.alpha": lambda v: _kind(float, int)(v) and v > 0,
+        "lora.dropout": lambda v: _kind(float, int)(v) and 0 <= v < 1, "lora.targets": _strings(ALL_TARGETS),
+    },
+    STATE_FORMAT: {"training": _kind(dict), "trainable": _kind(dict), "optimizer": _kind(dict), "scaler": _kind(dict),
+                   "rng": _kind(list), "epoch": _kind(int), "best_dev_acc": _kind(float), "history": _kind(list),
+                   "best_epoch": lambda v: v is None or _kind(int)(v)},
 }
+
+
+def _damaged_fields(saved: dict, fields: dict[str, Callable[[Any], bool]]) -> list[str]:
+    """The fields that are missing or not what they must be; a field within None (no LoRA) is not checked."""
+    damaged = []
+    for field, valid in fields.items():
+        outer, _, inner = field.partition(".")
+        value = saved.get(outer, _MISSING)
+        if inner:
+            if not isinstance(value, dict):
+                if value is not None and outer not in damaged:
+                    damaged.append(outer)
+                continue
+            value = value.get(inner, _MISSING)
+        if value is _MISSING or not valid(value):
+            damaged.append(field)
+    return damaged
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -65,7 +109,7 @@ def read_saved(path: str, flag: str, expected_format: str) -> dict:
     saved = load_tensors(path, flag)
     found = saved.get("format") if isinstance(saved, dict) else None
     if found == expected_format:
-        damaged = [key for key, kind in _FIELDS[expected_format].items() if not isinstance(saved.get(key), kind)]
+        damaged = _damaged_fields(saved, _FIELDS[expected_format])
         if damaged:
             raise UsageError(f"{flag} {path}: damaged ({', '.join(damaged)} missing or of the wrong type); "
                              f"delete it and train again")

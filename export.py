@@ -1,6 +1,7 @@
 """--option export: a Hugging Face folder that transformers loads, written whole or not at all. A trained classifier
 becomes a LlamaForSequenceClassification (adapters merged, our head as its `score`), a language model a
-LlamaForCausalLM; hf.py knows the names, the row order and config.json's fields."""
+LlamaForCausalLM, and with --adapter a LoRA checkpoint becomes a PEFT adapter for its base model's folder; hf.py
+knows the names, the row order and the config files' fields."""
 import json
 import os
 import shutil
@@ -10,13 +11,16 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from hf import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, hf_config, hf_weights
+from checkpoint import load_base_model, load_classifier, locate
+from hf import CONFIG_FILE, WEIGHTS_FILE, hf_config, hf_tokenizer_config, hf_weights, is_hf_folder, peft_adapter
 from llama import Llama
 from lora import is_adapter
+from settings import Settings
 from tokenizer import Tokenizer
 from utils import UsageError, fsync_folder, signals_deferred
 
 EXPORT_MARK = "minllama2-export.json"  # what an export holds; a folder with it may be replaced by the next export
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names
 
 
 def check_export_folder(out_dir: str, overwrite: bool) -> None:
@@ -38,7 +42,8 @@ def check_export_folder(out_dir: str, overwrite: bool) -> None:
 
 
 def write_folder(out_dir: str, llama: Llama, tokenizer: Tokenizer, source: dict[str, Any], overwrite: bool,
-                 head: Optional[torch.Tensor] = None, label_names: Optional[list[str]] = None) -> None:
+                 head: Optional[torch.Tensor] = None, label_names: Optional[list[str]] = None,
+                 max_sentence_len: Optional[int] = None) -> None:
     """Write a Hugging Face folder: the language model (LlamaForCausalLM), or with a classifier head and its
     label names a LlamaForSequenceClassification that reads, as ours does, the hidden state of the last real
     token (</s>: the exported tokenizer adds it). `source` says what was exported (kept in EXPORT_MARK)."""
@@ -47,29 +52,48 @@ def write_folder(out_dir: str, llama: Llama, tokenizer: Tokenizer, source: dict[
     weights = hf_weights(base, llama.config, llama.tied_embeddings)
     config = {**hf_config(llama.config, llama.tied_embeddings), "pad_token_id": tokenizer.pad_id,
               "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                        "pad_token": tokenizer.sp_model.id_to_piece(tokenizer.pad_id), "padding_side": "right"}
+    tokenizer_config = hf_tokenizer_config(tokenizer.piece(tokenizer.pad_id), llama.config.max_seq_len, False)
     if head is not None:
         weights.pop("lm_head.weight", None)  # a classifier's output is `score`
         weights["score.weight"] = head.detach().float().contiguous()
         config.update(architectures=["LlamaForSequenceClassification"], problem_type="single_label_classification",
                       id2label={str(i): name for i, name in enumerate(label_names)},
                       label2id={name: i for i, name in enumerate(label_names)})
-        tokenizer_config["add_eos_token"] = True
-    _write_files(os.path.abspath(out_dir), weights, {CONFIG_FILE: config, "tokenizer_config.json": tokenizer_config,
-                                                      EXPORT_MARK: source}, tokenizer.model_path)
+        tokenizer_config = classifier_tokenizer_config(tokenizer, llama.config.max_seq_len, max_sentence_len)
+    _write_files(os.path.abspath(out_dir), WEIGHTS_FILE, weights, {CONFIG_FILE: config, EXPORT_MARK: source,
+                                                                   "tokenizer_config.json": tokenizer_config}, tokenizer)
 
 
-def _write_files(out_dir: str, weights: dict[str, torch.Tensor], json_files: dict[str, dict], tokenizer: str) -> None:
+def classifier_tokenizer_config(tokenizer: Tokenizer, max_seq_len: int, max_sentence_len: Optional[int]) -> dict:
+    """A classifier's tokenizer cuts as classify does: the sentence to max_sentence_len tokens and to the window,
+    <s> and </s> kept around it."""
+    longest = max_seq_len if max_sentence_len is None else min(max_seq_len, max_sentence_len + 2)
+    return hf_tokenizer_config(tokenizer.piece(tokenizer.pad_id), longest, classifier=True)
+
+
+def write_adapter(out_dir: str, saved: dict, llama: Llama, tokenizer: Tokenizer, source: dict[str, Any],
+                  overwrite: bool, base: Optional[str]) -> None:
+    """Write a LoRA checkpoint (its contents: saved) as PEFT writes a LlamaForSequenceClassification's adapter,
+    with the classifier's tokenizer; `base` (a Hugging Face folder, or None) is named as its base model."""
+    check_export_folder(out_dir, overwrite)
+    adapter_config, tensors = peft_adapter(saved["trainable"], llama.config, saved["lora"], base)
+    tokenizer_config = classifier_tokenizer_config(tokenizer, llama.config.max_seq_len, saved["max_sentence_len"])
+    _write_files(os.path.abspath(out_dir), ADAPTER_WEIGHTS, tensors,
+                 {ADAPTER_CONFIG: adapter_config, "tokenizer_config.json": tokenizer_config,
+                  EXPORT_MARK: {**source, "label_names": saved["label_names"]}}, tokenizer)
+
+
+def _write_files(out_dir: str, weights_name: str, weights: dict[str, torch.Tensor], json_files: dict[str, dict],
+                 tokenizer: Tokenizer) -> None:
     """Write the folder beside out_dir and rename it into place: out_dir holds the old folder or the new one,
     never part of one. An interruption leaves no temporary folder behind."""
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=os.path.dirname(out_dir))
     try:
-        save_file(weights, os.path.join(staging, WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(weights, os.path.join(staging, weights_name), metadata={"format": "pt"})
         for name, content in json_files.items():
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2)
-        shutil.copyfile(tokenizer, os.path.join(staging, TOKENIZER_FILE))
+        shutil.copyfile(tokenizer.model_path, os.path.join(staging, tokenizer.file_name))
         for name in os.listdir(staging):
             os.chmod(os.path.join(staging, name), 0o644)  # safetensors and mkdtemp make private files
             with open(os.path.join(staging, name), "rb") as f:
@@ -95,3 +119,31 @@ def _swap_into_place(staging: str, out_dir: str) -> None:
             os.rename(old, out_dir)
         raise
     fsync_folder(os.path.dirname(out_dir))
+
+
+def run_export(settings: Settings) -> None:
+    """--option export: the classifier of --filepath (merged, or with --adapter its adapters alone) or, with
+    --lm-only, its language model or the base model alone."""
+    export, cpu = settings.export, torch.device("cpu")
+    if export.saved:
+        base = locate(export.saved["base_model"], export.checkpoint, "--pretrained-model-path", export.model)
+        classifier, tokenizer = load_classifier(export.checkpoint, export.saved, base, export.tokenizer, cpu)
+        llama, source = classifier.llama, {"--filepath": os.path.abspath(export.checkpoint)}
+    else:
+        llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, cpu)
+        source = {"--pretrained-model-path": os.path.abspath(settings.model.model)}
+    if export.lm_only:
+        write_folder(export.output, llama, tokenizer, source, export.overwrite)
+        loads = f"LlamaForCausalLM.from_pretrained({export.output!r})"
+    elif export.adapter:
+        write_adapter(export.output, export.saved, llama, tokenizer, source, export.overwrite,
+                      os.path.abspath(base) if is_hf_folder(base) else None)
+        where = base if is_hf_folder(base) else (f"the folder that `run_llama.py --option export --lm-only "
+                                                 f"--pretrained-model-path {base} --output BASE` writes")
+        loads = (f"PeftModel.from_pretrained(LlamaForSequenceClassification.from_pretrained(BASE, num_labels="
+                 f"{len(export.saved['label_names'])}), {export.output!r}), BASE being {where}")
+    else:
+        write_folder(export.output, llama, tokenizer, source, export.overwrite, classifier.classifier_head.weight,
+                     export.saved["label_names"], export.saved["max_sentence_len"])
+        loads = f"LlamaForSequenceClassification.from_pretrained({export.output!r})"
+    print(f"wrote {export.output}: transformers loads it with {loads}")

@@ -1,16 +1,18 @@
 """Hugging Face's Llama format, read and written: a folder with config.json, safetensors weights (one
-model.safetensors, or shards listed in model.safetensors.index.json) and a sentencepiece tokenizer.model.
+model.safetensors, or shards listed in model.safetensors.index.json) and a tokenizer (sentencepiece's
+tokenizer.model, or the tokenizer.json that transformers 5 saves).
 
-Reading maps the config field by field and refuses, naming the field, anything this model cannot represent
-(rope scaling, biases, another activation or model type); weights are memory-mapped and converted one tensor
-at a time, so a model is never held twice. The way out (config.json's fields, the tensors under transformers'
-names) is here too; export.py writes the folder.
+Reading maps the config field by field as transformers reads it and refuses, naming the field, anything this model
+cannot represent (rope scaling, biases, another activation or model type); weights are memory-mapped and converted
+one tensor at a time, so a model is never held twice. The way out (config.json's fields, the tensors under
+transformers' names, LoRA adapters in PEFT's layout) is here too; export.py writes the folder.
 
 transformers orders each query/key head as [even components, odd components] ("rotate half") where llama2.c
 and this project interleave the pairs; the rows of wq and wk are permuted on the way in and out.
 """
 import json
 import os
+import sys
 from typing import Any, Optional
 
 import torch
@@ -20,7 +22,7 @@ from config import LlamaConfig
 from utils import UsageError
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # the sentencepiece model first, as transformers prefers
 
 # Our parameter names -> transformers' (LlamaForCausalLM), within a layer and at the top.
 _LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -77,12 +79,12 @@ def is_hf_folder(path: str) -> bool:
 
 
 def default_tokenizer(folder: str) -> str:
-    """The sentencepiece model that comes with a folder."""
-    path = os.path.join(folder, TOKENIZER_FILE)
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        raise UsageError(f"--pretrained-model-path {folder}: its tokenizer is given only as tokenizer.json, which this "
-                         f"project cannot read; pass a sentencepiece model with --tokenizer")
-    return path
+    """The tokenizer that comes with a folder."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise UsageError(f"--pretrained-model-path {folder}: the folder has no {' or '.join(TOKENIZER_FILES)}; pass "
+                     f"the model's tokenizer with --tokenizer")
 
 
 def read_config(folder: str) -> tuple[LlamaConfig, bool]:
@@ -109,10 +111,11 @@ def read_config(folder: str) -> tuple[LlamaConfig, bool]:
                            ("mlp_bias", (False, None))):
         if hf.get(field) not in allowed:
             raise refuse(field, hf[field], "only Llama-2's silu feed-forward without biases is built here")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    # transformers 5 takes rope_scaling over rope_parameters, and the theta from the dict it took, else from the top
+    rope_field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(rope_field) or {}
     if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise refuse("rope_parameters" if hf.get("rope_parameters") else "rope_scaling", rope,
-                     "rotary scaling is not implemented")
+        raise refuse(rope_field, rope, "rotary scaling is not implemented")
     try:
         config = LlamaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                              n_heads=hf["num_attention_heads"],
@@ -170,8 +173,11 @@ def read_hf(folder: str) -> tuple[LlamaConfig, dict[str, torch.Tensor], bool]:
                     state_dict[name] = from_rotate_half(tensor, heads) if heads else tensor
         except (OSError, RuntimeError, ValueError) as e:  # safetensors' own errors derive from these
             raise UsageError(f"--pretrained-model-path {path}: not a readable safetensors file ({e})") from e
-    if tied and state_dict.get("output.weight") is None:
-        state_dict["output.weight"] = state_dict.get("tok_embeddings.weight")
+    embedding, output = state_dict.get("tok_embeddings.weight"), state_dict.get("output.weight")
+    if tied and embedding is not None and output is not None and not torch.equal(embedding, output):
+        print(f"note: {folder}: tie_word_embeddings is true but the file holds a different lm_head; as transformers "
+              f"does, both are kept, untied", file=sys.stderr)
+        tied = False
     return config, state_dict, tied
 
 
@@ -199,3 +205,34 @@ def hf_weights(state_dict: dict[str, torch.Tensor], config: LlamaConfig, tied: b
         heads = _heads(name, tensor, config)
         out[hf_name(name)] = (to_rotate_half(tensor, heads) if heads else tensor).detach().float().contiguous()
     return out
+
+
+def hf_tokenizer_config(pad_piece: str, max_length: int, classifier: bool) -> dict[str, Any]:
+    """tokenizer_config.json that makes transformers' tokenizer give our ids: <s> first (and </s> last for a
+    classifier, whose head reads it), special tokens' text read as text, as sentencepiece reads it, and with
+    truncation=True the sentence cut so that the ids, <s> and </s> included, are at most max_length."""
+    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": classifier,
+            "pad_token": pad_piece, "padding_side": "right", "truncation_side": "right",
+            "model_max_length": max_length, "split_special_tokens": True}
+
+
+def peft_adapter(trainable: dict[str, torch.Tensor], config: LlamaConfig, lora: dict[str, Any],
+                 base: Optional[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config.json, adapter tensors) of a LoRA classifier's trainable tensors ("llama." adapters and the
+    head) as PEFT saves a LlamaForSequenceClassification's: lora_A/lora_B under transformers' module names (lora_B's
+    rows of wq and wk in the rotate-half order, as their weights' rows), the head as the saved module `score`."""
+    short = {ours.rsplit(".", 1)[-1]: theirs.rsplit(".", 1)[-1] for ours, theirs in _LAYER_NAMES.items()}  # wq: q_proj
+    rotated = {"wq": config.n_heads, "wk": config.n_kv_heads}
+    tensors = {"base_model.model.score.weight": trainable["classifier_head.weight"]}
+    for name, tensor in trainable.items():
+        if name.startswith("llama."):
+            module, param = name.removeprefix("llama.").rsplit(".", 1)  # layers.0.attention.wq, lora_A
+            heads = rotated.get(module.rsplit(".", 1)[-1]) if param == "lora_B" else None
+            hf_module = hf_name(f"{module}.weight").removesuffix(".weight")
+            tensors[f"base_model.model.{hf_module}.{param}.weight"] = to_rotate_half(tensor, heads) if heads else tensor
+    adapter_config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base,
+                      "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+                      "target_modules": sorted(short[target] for target in lora["targets"]),
+                      "modules_to_save": ["score"], "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                      "use_dora": False, "init_lora_weights": True, "inference_mode": True}
+    return adapter_config, {name: t.detach().float().contiguous() for name, t in tensors.items()}

@@ -7,14 +7,14 @@
   --option lora       train LoRA adapters and the head; the base model stays frozen
   --option classify   label new sentences with a checkpoint that finetune or lora wrote (--filepath, --input)
   --option export     write a Hugging Face folder (--output) that transformers loads: the classifier of
-                      --filepath, or with --lm-only the language model alone
+                      --filepath, with --adapter its LoRA adapters for PEFT, or with --lm-only the language model
 
 Flags and output files follow the CS11-711 minllama assignment; every flag is accepted with hyphens or
 underscores. Bad input ends with one line on stderr and exit status 2 (see utils.UsageError); Ctrl-C or SIGTERM
 end with one line saying what was saved, and status 130 or 143. Training writes the best-dev checkpoint to
 --filepath, <filepath>.state after every epoch for --resume (safe to delete when done), and the curves
 <stem>.metrics.jsonl and <stem>.png. --pretrained-model-path takes llama2.c's .pt and .bin files and Hugging Face
-folders (config.json, safetensors weights, tokenizer.model).
+folders (config.json, safetensors weights, tokenizer.model or tokenizer.json).
 """
 import os
 import signal
@@ -48,7 +48,7 @@ from classifier import build_classifier, zero_shot_classifier
 from data import Split, load_split, read_label_names, warn_if_labels_unused
 from decoding import prepare_for_decoding, timed_generation, weight_megabytes
 from evaluate import line_by_line, predict, print_metrics, report, write_predictions
-from export import check_export_folder, write_folder
+from export import check_export_folder, run_export
 from hf import default_tokenizer, is_hf_folder
 from lora import ALL_TARGETS, ATTENTION_TARGETS, DEFAULT_TARGETS, merge_lora
 from runtime import DTYPES, Interrupted, Runtime, seed_everything, signals_interrupt, start_runtime
@@ -95,9 +95,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--pretrained-model-path", help=f"llama2.c checkpoint (train.py .pt or legacy .bin export) "
                                                         f"or Hugging Face folder (default: {DEFAULT_MODEL}; "
                                                         f"classify, export: the checkpoint's)")
-    parser.add_argument("--tokenizer", help=f"sentencepiece model matching the checkpoint, tok512.model for "
-                                            f"stories260K (default: {TOKENIZER_MODEL}, or a Hugging Face folder's "
-                                            f"own; classify, export: the checkpoint's)")
+    parser.add_argument("--tokenizer", help=f"sentencepiece model or tokenizer.json matching the checkpoint, "
+                                            f"tok512.model for stories260K (default: {TOKENIZER_MODEL}, or a Hugging "
+                                            f"Face folder's own; classify, export: the checkpoint's)")
     parser.add_argument("--max_sentence_len", type=int, default=None,
                         help="cut each classified sentence to this many tokens (prompts and labels stay whole)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds initialisation, dropout and batch order")
@@ -140,7 +140,8 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
                      help="training: examples per forward and backward pass at most; a step sorts its batch by "
                           "length, cuts it into micro-batches and sums their gradients, so that little padding is "
                           "computed and the step is the batch's (default: on a CPU as few as pad at most a quarter "
-                          "of a token per real token, on a GPU the whole batch)")
+                          "of a token per real token, on a GPU the whole batch); with dropout, each micro-batch "
+                          "draws its own masks")
     cls.add_argument("--lr", type=finite_float, default=1e-5, help="AdamW learning rate")
     cls.add_argument("--hidden_dropout_prob", type=finite_float, default=0.3, help="dropout before the classification head")
     cls.add_argument("--filepath", default=None,
@@ -160,6 +161,9 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
     cls.add_argument("--input", help="classify: one sentence, or '<label> ||| <sentence>', per line; - for stdin")
     cls.add_argument("--output", help="classify: write '<label> ||| <sentence>' lines here instead of printing "
                                       "'<label name>\\t<probability>\\t<sentence>'; export: the folder to write")
+    cls.add_argument("--adapter", action="store_true",
+                     help="export a LoRA checkpoint as a PEFT adapter (adapter_config.json, adapter_model.safetensors) "
+                          "for its base model's folder, instead of merged into a whole model")
     cls.add_argument("--lm-only", action="store_true",
                      help="export the language model alone (LlamaForCausalLM): of --filepath, or without it of "
                           "--pretrained-model-path (e.g. a llama2.c model)")
@@ -223,6 +227,9 @@ def check_values(args: argparse.Namespace) -> None:
         (args.option == "classify" or not args.input, "--input goes with --option classify"),
         (args.option in ("classify", "export") or not args.output, "--output goes with --option classify or export"),
         (args.option == "export" or not args.lm_only, "--lm-only goes with --option export"),
+        (args.option == "export" or not args.adapter, "--adapter goes with --option export"),
+        (not (args.adapter and args.lm_only), "--adapter and --lm-only exclude each other: an adapter is not a "
+                                               "language model"),
         (args.option in ("finetune", "lora") or not args.resume, "--resume goes with --option finetune or lora"),
         (args.option == "generate" or not args.quantize,
          "--quantize goes with --option generate (training and scoring use the float weights)"),
@@ -315,7 +322,10 @@ def export_settings(args: argparse.Namespace) -> Settings:
         raise UsageError(f"--filepath {args.filepath}: its head has a bias (trained before heads became transformers' "
                          f"bias-free `score`), which LlamaForSequenceClassification cannot hold; train it again, or "
                          f"export the language model alone with --lm-only")
-    export = ExportSettings(args.output, args.lm_only, args.overwrite, args.filepath, saved,
+    if args.adapter and not saved["lora"]:  # --adapter excludes --lm-only, so --filepath was given
+        raise UsageError(f"--adapter: --filepath {args.filepath} was not trained with --option lora; export its whole "
+                         f"model without --adapter")
+    export = ExportSettings(args.output, args.lm_only, args.adapter, args.overwrite, args.filepath, saved,
                             args.pretrained_model_path, args.tokenizer)
     return Settings("export", args.use_gpu, "fp32", args.seed, None if saved else model_files(args),
                     (("--output", args.output),), export=export)
@@ -429,28 +439,8 @@ def classify(settings: Settings, runtime: Runtime) -> None:
     results.write(line_by_line(split, rows))
 
 
-def export(settings: Settings, runtime: Runtime) -> None:
-    """Write a Hugging Face folder: the classifier of --filepath (LlamaForSequenceClassification, adapters merged)
-    or, with --lm-only, its language model or the base model alone (LlamaForCausalLM)."""
-    export, cpu = settings.export, torch.device("cpu")
-    if export.saved:
-        classifier, tokenizer = load_classifier(export.checkpoint, export.saved, export.model, export.tokenizer, cpu)
-        llama, source = classifier.llama, {"--filepath": os.path.abspath(export.checkpoint)}
-    else:
-        llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, cpu)
-        source = {"--pretrained-model-path": os.path.abspath(settings.model.model)}
-    if export.lm_only:
-        write_folder(export.output, llama, tokenizer, source, export.overwrite)
-        kind = "LlamaForCausalLM"
-    else:
-        write_folder(export.output, llama, tokenizer, source, export.overwrite, classifier.classifier_head.weight,
-                     export.saved["label_names"])
-        kind = "LlamaForSequenceClassification"
-    print(f"wrote {export.output}: transformers loads it with {kind}.from_pretrained({export.output!r})")
-
-
 OPTIONS = {"generate": generate, "prompt": prompt, "finetune": train, "lora": train, "classify": classify,
-           "export": export}
+           "export": lambda settings, runtime: run_export(settings)}
 
 
 # ---------------------------------------------------------------------------------------------------------

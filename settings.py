@@ -107,6 +107,7 @@ class ClassifySettings:
 class ExportSettings:
     output: str  # the folder to write
     lm_only: bool  # the language model alone (LlamaForCausalLM), not the classifier
+    adapter: bool  # a LoRA classifier's adapters and head as a PEFT adapter, not merged
     overwrite: bool
     checkpoint: Optional[str]  # a trained classifier; None: the base model of Settings.model (lm_only)
     saved: Optional[dict]

@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -8,6 +9,8 @@ from torch import nn
 from checkpoint import differences, load_trainable, rng_state, set_rng_state, weights_fingerprint
 from conftest import STORIES260K, asset
 from llama import load_pretrained
+from test_cli import fails
+from test_export import exported  # noqa: F401 (a fixture)
 from utils import UsageError
 
 
@@ -50,3 +53,37 @@ def test_random_states_survive_a_weights_only_round_trip(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=generator)) == expected
     with pytest.raises(UsageError, match="damaged"):
         set_rng_state({**state, "torch": torch.zeros(3)}, generator, torch.device("cpu"), "x")
+
+
+def without(record: dict, field: str) -> dict:
+    outer, _, inner = field.partition(".")
+    if not inner:
+        return {key: value for key, value in record.items() if key != field}
+    return {**record, outer: {key: value for key, value in record[outer].items() if key != inner}}
+
+
+def changed(record: dict, field: str, value) -> dict:
+    outer, _, inner = field.partition(".")
+    return {**record, outer: {**record[outer], inner: value}}
+
+
+DAMAGES = [  # (how the record is damaged, the field the message must name)
+    (lambda r: without(r, "lora"), "lora"), (lambda r: without(r, "base_model.relpath"), "base_model.relpath"),
+    (lambda r: without(r, "max_sentence_len"), "max_sentence_len"),
+    (lambda r: without(r, "training.--batch_size"), "training.--batch_size"),
+    (lambda r: without(r, "training.--dtype"), "training.--dtype"),
+    (lambda r: changed(r, "lora.rank", "4"), "lora.rank"), (lambda r: changed(r, "lora.targets", ["wz"]), "lora.targets"),
+    (lambda r: changed(r, "tokenizer.fingerprint", None), "tokenizer.fingerprint"),
+    (lambda r: {**r, "label_names": ["a", 3]}, "label_names"), (lambda r: {**r, "base_model": "x.pt"}, "base_model"),
+]
+
+
+@pytest.mark.parametrize("damage, field", DAMAGES, ids=[field for _, field in DAMAGES])
+def test_a_damaged_record_is_one_line_naming_the_field_in_classify_and_export(exported, tmp_path, capsys, damage,
+                                                                              field):
+    torch.save(damage(torch.load(exported / "lora.pt")), tmp_path / "damaged.pt")
+    for command in (["--option", "classify", "--input", str(exported / "sst-dev.txt")],
+                    ["--option", "export", "--output", "out"], ["--option", "export", "--output", "out", "--adapter"]):
+        line = fails([*command, "--filepath", str(tmp_path / "damaged.pt")], tmp_path, capsys)
+        assert f"damaged ({field} missing or of the wrong type)" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["damaged.pt"]

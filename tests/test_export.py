@@ -31,9 +31,59 @@ def exported(tmp_path_factory):
          "--label-names", asset("data/sst-label-mapping.json"), "--epochs", "1", "--lr", "1e-2",
          "--filepath", "lora.pt"], folder)
     run(["--option", "export", "--filepath", "lora.pt", "--output", "classifier"], folder)
+    run(["--option", "export", "--filepath", "lora.pt", "--adapter", "--output", "adapter"], folder)
     run(["--option", "export", "--lm-only", "--pretrained-model-path", asset(STORIES260K), "--tokenizer",
          asset(TOK512), "--output", "lm"], folder)
+    saved = torch.load(folder / "lora.pt")  # the same run as if trained with --max_sentence_len 8
+    saved["max_sentence_len"] = saved["training"]["--max_sentence_len"] = 8
+    torch.save(saved, folder / "lora8.pt")
+    run(["--option", "export", "--filepath", "lora8.pt", "--output", "classifier8"], folder)
     return folder
+
+
+def classify_s_probabilities(exported, checkpoint, sentences):
+    """(padded ids, label probabilities) of sentences as classify reads them with a checkpoint."""
+    path = exported / "sentences.txt"
+    path.write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
+    saved = read_saved(str(exported / checkpoint), "--filepath", CHECKPOINT_FORMAT)
+    model, tokenizer = load_classifier(str(exported / checkpoint), saved, None, None, torch.device("cpu"))
+    split = load_split("input", str(path), 5, tokenizer, 512, saved["max_sentence_len"], labels_optional=True)
+    tokens, _ = pad_batch(split.token_ids, tokenizer.pad_id)
+    return tokens, predict(model, split, 8, tokenizer.pad_id, Runtime(torch.device("cpu"), None)).exp()
+
+
+TRICKY = ["A sentence that names <s>, </s> and <unk> as text.", "once upon a time " * 250,  # > the 512-token window
+          "A moving, beautifully acted film.", "Dull."]
+
+
+@pytest.mark.parametrize("checkpoint, folder", [("lora.pt", "classifier"), ("lora8.pt", "classifier8")])
+def test_the_exported_tokenizer_cuts_and_reads_as_classify_does(exported, checkpoint, folder):
+    """The window, --max_sentence_len and special tokens' text: transformers with truncation=True sees our ids."""
+    tokens, ours = classify_s_probabilities(exported, checkpoint, TRICKY)
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(exported / folder).eval()
+    batch = transformers.AutoTokenizer.from_pretrained(exported / folder)(TRICKY, truncation=True, padding=True,
+                                                                          return_tensors="pt")
+    assert torch.equal(batch["input_ids"], tokens)
+    assert tokens.shape[1] == (512 if folder == "classifier" else 10)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).logits.softmax(-1), ours, atol=1e-5, rtol=0)
+
+
+def test_a_peft_adapter_on_the_exported_base_gives_classify_s_probabilities(exported):
+    peft = pytest.importorskip("peft")
+    tokens, ours = classify_s_probabilities(exported, "lora.pt", TRICKY)
+    config = json.loads((exported / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] is None  # a llama2.c base: the folder is the user's own export
+    base = transformers.LlamaForSequenceClassification.from_pretrained(exported / "lm", num_labels=5)
+    model = peft.PeftModel.from_pretrained(base, exported / "adapter").eval()
+    batch = transformers.AutoTokenizer.from_pretrained(exported / "adapter")(TRICKY, truncation=True, padding=True,
+                                                                             return_tensors="pt")
+    assert torch.equal(batch["input_ids"], tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits.softmax(-1), ours, atol=1e-5, rtol=0)
+    merged = transformers.LlamaForSequenceClassification.from_pretrained(exported / "classifier").eval()
+    with torch.no_grad():  # the merged export and the adapter are one model
+        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
 
 
 def test_an_exported_classifier_gives_classify_s_probabilities_in_transformers(exported):
@@ -84,7 +134,13 @@ def test_export_replaces_only_its_own_folders(exported, tmp_path, capsys):
     assert not (mine / "notes.txt").exists()
     assert sorted(os.listdir(tmp_path)) == ["mine", "out"]  # no temporary folder, no lock file left
 
+    line = fails([*common, "--output", "a", "--adapter", "--lm-only"], tmp_path, capsys)
+    assert "--adapter and --lm-only" in line
     ckpt = torch.load(exported / "lora.pt")
+    torch.save({**ckpt, "lora": None}, tmp_path / "full.pt")
+    line = fails(["--option", "export", "--filepath", str(tmp_path / "full.pt"), "--output", "a", "--adapter"],
+                 tmp_path, capsys)
+    assert "not trained with --option lora" in line and "without --adapter" in line
     ckpt["trainable"]["classifier_head.bias"] = torch.zeros(5)  # a checkpoint from before the bias-free head
     torch.save(ckpt, tmp_path / "old.pt")
     line = fails(["--option", "export", "--filepath", str(tmp_path / "old.pt"), "--output", "x"], tmp_path, capsys)

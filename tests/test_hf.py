@@ -12,6 +12,7 @@ import run_llama
 from conftest import ROOT, TOK512, asset
 from hf import default_tokenizer, read_hf
 from llama import load_pretrained
+from tokenizer import Tokenizer
 from test_cli import read_lines, run, sst_subset  # noqa: F401 (a fixture)
 from utils import UsageError
 
@@ -69,6 +70,52 @@ def test_what_this_model_cannot_represent_is_refused_naming_the_field(hf_folders
         load_pretrained(str(folder))
 
 
+def logits_of_both(folder):
+    """Our logits and transformers' on the same folder, read as each reads it."""
+    tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(2))
+    theirs = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return load_pretrained(str(folder)).eval()(tokens, all_logits=True)[0], theirs(tokens).logits
+
+
+@pytest.mark.parametrize("changes, theta", [
+    # rope_scaling, when given, is the dict transformers reads, and its theta comes from it or from the top level
+    (dict(rope_scaling={"rope_type": "default"}, rope_parameters={"rope_type": "default", "rope_theta": 100.0}),
+     10000.0),
+    (dict(rope_scaling={"rope_type": "default", "rope_theta": 300.0},
+          rope_parameters={"rope_type": "default", "rope_theta": 100.0}, rope_theta=50.0), 300.0),
+    (dict(rope_scaling={"type": "default"}, rope_theta=50.0), 50.0),
+    (dict(rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": 100.0}, rope_theta=50.0), 100.0),
+    (dict(rope_parameters={"rope_type": "default"}, rope_theta=700.0), 700.0),
+])
+def test_rope_fields_are_read_as_transformers_reads_them(hf_folders, tmp_path, changes, theta):
+    folder = edited_copy(hf_folders[1], tmp_path, **changes)
+    assert read_hf(str(folder))[0].rope_theta == theta
+    ours, theirs = logits_of_both(folder)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_scaling_beside_default_rope_parameters_is_refused(hf_folders, tmp_path):
+    """The usual context-extension edit: transformers would run scaled rope, which this model cannot."""
+    folder = edited_copy(hf_folders[1], tmp_path, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    with pytest.raises(UsageError, match="config.json: rope_scaling = .*linear"):
+        load_pretrained(str(folder))
+
+
+def test_tied_embeddings_are_kept_apart_when_the_file_holds_a_different_lm_head(hf_folders, tmp_path, capsys):
+    folder = edited_copy(hf_folders[1], tmp_path, tie_word_embeddings=True)
+    assert not load_pretrained(str(folder)).tied_embeddings
+    assert "both are kept, untied" in capsys.readouterr().err
+    ours, theirs = logits_of_both(folder)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # the same values: tied, as there
+    save_file(tensors, folder / "model.safetensors")
+    ours = load_pretrained(str(folder))
+    assert ours.tied_embeddings and ours.output.weight is ours.tok_embeddings.weight
+
+
 def test_old_style_rope_scaling_is_refused_and_top_level_rope_theta_honoured(hf_folders, tmp_path):
     folder = edited_copy(hf_folders[1], tmp_path, rope_parameters=None, rope_theta=500.0, rope_scaling=None)
     assert read_hf(str(folder))[0].rope_theta == 500.0
@@ -92,9 +139,11 @@ def test_other_weights_and_tokenizers_are_refused(hf_folders, tmp_path):
     with pytest.raises(UsageError, match="tensor score.weight is not part of a LlamaForCausalLM"):
         load_pretrained(str(folder))
     os.remove(folder / "tokenizer.model")
-    (folder / "tokenizer.json").write_text("{}")
-    with pytest.raises(UsageError, match="only as tokenizer.json"):
+    with pytest.raises(UsageError, match="has no tokenizer.model or tokenizer.json; pass .* --tokenizer"):
         default_tokenizer(str(folder))
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(UsageError, match="tokenizer.json: not a readable tokenizer.json"):
+        Tokenizer(default_tokenizer(str(folder)))
 
 
 def test_every_option_takes_a_folder_with_its_own_tokenizer(hf_folders, tmp_path, sst_subset, capsys):  # noqa: F811
@@ -132,3 +181,24 @@ def test_loading_a_folder_holds_the_weights_once(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) < 1.8, result.stdout  # 1.4 here; copying into new parameters: 2.4
+
+
+def test_a_folder_with_only_tokenizer_json_runs_and_exports_it(hf_folders, tmp_path):
+    """As transformers 5 saves a folder: generate gives the sentencepiece folder's text, and an export carries
+    tokenizer.json on, which transformers reads back to our ids."""
+    root = hf_folders[1]
+    folder = tmp_path / "json"
+    shutil.copytree(root / "single", folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer",
+                                                              "add_bos_token": True}))
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    os.remove(folder / "tokenizer.model")
+    for name, path in (("json", folder), ("single", root / "single")):
+        run(["--option", "generate", "--pretrained-model-path", str(path), "--max_new_tokens", "8",
+             "--generated_sentence_low_temp_out", f"{name}.txt", "--temperature", "0"], tmp_path)
+    assert (tmp_path / "json.txt").read_text() == (tmp_path / "single.txt").read_text()
+    run(["--option", "export", "--lm-only", "--pretrained-model-path", str(folder), "--output", "out"], tmp_path)
+    assert not (tmp_path / "out" / "tokenizer.model").exists()
+    text = "Once upon a time, <s> was text."
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")(text)["input_ids"]
+    assert theirs == Tokenizer(str(tmp_path / "out" / "tokenizer.json")).encode(text, bos=True, eos=False)

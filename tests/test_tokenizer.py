@@ -1,3 +1,7 @@
+import json
+import os
+import shutil
+
 import pytest
 
 from conftest import TOK512, asset
@@ -27,3 +31,47 @@ def test_another_vocabulary_or_file_is_refused(tmp_path):
     junk.write_bytes(b"junk" * 10)
     with pytest.raises(UsageError, match="not a sentencepiece model"):
         Tokenizer(str(junk))
+
+
+def sentences(name: str) -> list[str]:
+    with open(asset(f"data/{name}-dev.txt"), encoding="utf-8") as f:
+        return [line.split(" ||| ", 1)[1].rstrip("\n") for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module", params=[TOK512, "tokenizer.model"])
+def saved_by_transformers(request, tmp_path_factory):
+    """A sentencepiece model, and the tokenizer.json folder that transformers 5 saves of it (and nothing else)."""
+    transformers = pytest.importorskip("transformers")
+    source, folder = tmp_path_factory.mktemp("spm"), tmp_path_factory.mktemp("json")
+    shutil.copyfile(asset(request.param), source / "tokenizer.model")
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}))
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == ["tokenizer.json", "tokenizer_config.json"]
+    return asset(request.param), folder
+
+
+def test_tokenizer_json_gives_transformers_ids_and_sentencepiece_s(saved_by_transformers):
+    from transformers import AutoTokenizer
+    model, folder = saved_by_transformers
+    ours, spm = Tokenizer(str(folder / "tokenizer.json")), Tokenizer(model)
+    assert (ours.n_words, ours.bos_id, ours.eos_id, ours.pad_id) == (spm.n_words, spm.bos_id, spm.eos_id, spm.pad_id)
+    texts = sentences("sst") + sentences("cfimdb") + ["a <s> inside, </s> and <unk> too", "  two  spaces ", ""]
+    theirs = AutoTokenizer.from_pretrained(folder, split_special_tokens=True)
+    with_eos = AutoTokenizer.from_pretrained(folder, split_special_tokens=True, add_bos_token=True, add_eos_token=True)
+    assert [ours.encode(t, bos=False, eos=False) for t in texts] == theirs(texts, add_special_tokens=False)["input_ids"]
+    assert [ours.encode(t, bos=True, eos=False) for t in texts] == theirs(texts)["input_ids"]
+    assert [ours.encode(t, bos=True, eos=True) for t in texts] == with_eos(texts)["input_ids"]
+    # runs of spaces are cut otherwise by sentencepiece than by transformers' reading of its model (README)
+    same_text = [t for t in texts if "  " not in t]
+    assert [ours.encode(t, True, True) for t in same_text] == [spm.encode(t, True, True) for t in same_text]
+    assert [ours.decode(ours.encode(t, True, True)) for t in texts[:50]] == [spm.decode(spm.encode(t, True, True))
+                                                                             for t in texts[:50]]
+    assert ours.piece(ours.pad_id) == spm.piece(spm.pad_id) == "<0x00>"
+
+
+def test_a_tokenizer_json_without_llama_s_start_token_is_refused(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    bare.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UsageError, match="tokenizer.json: no token <s> or </s>"):
+        Tokenizer(str(tmp_path / "tokenizer.json"))

@@ -37,8 +37,10 @@ def train_tiny(folder, epochs, lora=None, lr=1e-2):
     torch.manual_seed(0)
     model = build_classifier(Llama(tiny_config()), 2, hidden_dropout_prob=0.0, lora=lora)
     settings = settings_for(folder, epochs, lora, lr)
-    described = {"format": CHECKPOINT_FORMAT, "training": {"--epochs": epochs}, "base_model": {}, "tokenizer": {},
-                 "label_names": ["no", "yes"], "hidden_dropout_prob": 0.0}
+    file = {"path": "/x", "relpath": "x", "fingerprint": "0"}
+    described = {"format": CHECKPOINT_FORMAT, "training": {"--epochs": epochs, "--batch_size": 8, "--dtype": "fp32"},
+                 "base_model": {**file, "model_args": {}}, "tokenizer": file, "label_names": ["no", "yes"],
+                 "hidden_dropout_prob": 0.0, "max_sentence_len": None, "lora": lora.as_record() if lora else None}
     fit(model, first_token_task(64, 0), first_token_task(32, 1), settings, 0, Runtime(torch.device("cpu")), described,
         None)
     return model, settings.training.files
