@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -74,4 +75,11 @@ def test_a_tokenizer_json_without_llama_s_start_token_is_refused(tmp_path):
     bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     bare.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(UsageError, match="tokenizer.json: no token <s> or </s>"):
+        Tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_without_the_tokenizers_library_a_tokenizer_json_is_one_line_of_advice(tmp_path, monkeypatch):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers now raises ImportError
+    with pytest.raises(UsageError, match="tokenizer.json needs Hugging Face's tokenizers; run ./setup.sh"):
         Tokenizer(str(tmp_path / "tokenizer.json"))
