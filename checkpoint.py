@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import os
 import random
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -16,9 +17,9 @@ import torch
 from torch import nn
 
 from classifier import LlamaEmbeddingClassifier, build_classifier
-from llama import Llama, load_pretrained
+from llama import Llama, load_pretrained, stored_weights
 from lora import ALL_TARGETS, merge_lora
-from runtime import DTYPES
+from runtime import DTYPES, Runtime
 from settings import DEFAULT_MODEL, LoRASettings, Settings
 from tokenizer import Tokenizer
 from utils import UsageError, file_sha256, load_tensors, require_file, save_atomic
@@ -79,12 +80,12 @@ def _damaged_fields(saved: dict, fields: dict[str, Callable[[Any], bool]]) -> li
     return damaged
 
 
-def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over the tensors themselves (names, shapes, dtypes, bytes), so that the same weights match
-    whether they came from a .pt or a .bin file."""
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors themselves (names, shapes, bytes as float32), so that the same weights match
+    whether they came from a .pt, a .bin or a Hugging Face folder, stored in fp32 or bf16."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
+        tensor = state_dict[name].detach().cpu().float().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -160,33 +161,43 @@ def stored_file(path: str, fingerprint: str, checkpoint: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Models: the base a run starts from, the classifier a run made
 
-def load_base_model(model_path: str, tokenizer_path: str, device: torch.device) -> tuple[Llama, Tokenizer]:
-    """A llama2.c model or Hugging Face folder and its tokenizer, checked to share one vocabulary."""
+def base_fingerprint(model_path: str) -> str:
+    """The fingerprint of a base model's weights as its file stores them (read once more, one tensor at a time),
+    whatever precision a run holds them in."""
+    return weights_fingerprint(stored_weights(model_path))
+
+
+def load_base_model(model_path: str, tokenizer_path: str, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> tuple[Llama, Tokenizer]:
+    """A llama2.c model or Hugging Face folder, its weights held in dtype, and its tokenizer, checked to share one
+    vocabulary."""
     if model_path == DEFAULT_MODEL and not os.path.exists(model_path):
         raise UsageError(f"--pretrained-model-path {DEFAULT_MODEL}: no such file; run ./setup.sh to download it, or "
                          f"use the tiny model: --pretrained-model-path stories260K.pt --tokenizer tok512.model")
-    llama = load_pretrained(model_path)
+    llama = load_pretrained(model_path, dtype)
     tokenizer = Tokenizer(tokenizer_path)
     tokenizer.check_vocab(llama.config.vocab_size, model_path)
-    print(f"loaded {model_path} ({llama.num_parameters() / 1e6:.2f}M parameters) on {device}")
+    print(f"loaded {model_path} ({llama.num_parameters() / 1e6:.2f}M parameters, {str(dtype).removeprefix('torch.')}) "
+          f"on {device}")
     return llama.to(device), tokenizer
 
 
 def load_classifier(path: str, saved: dict, model_path: Optional[str], tokenizer_path: Optional[str],
-                    device: torch.device) -> tuple[LlamaEmbeddingClassifier, Tokenizer]:
+                    device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> tuple[LlamaEmbeddingClassifier, Tokenizer]:
     """The classifier that the checkpoint at path (its contents: saved) describes, on the base model and tokenizer
-    it was trained with (found beside it, or at model_path / tokenizer_path), adapters merged."""
+    it was trained with (found beside it, or at model_path / tokenizer_path), adapters merged, held in dtype."""
     base = locate(saved["base_model"], path, "--pretrained-model-path", model_path)
     tokenizer_path = locate(saved["tokenizer"], path, "--tokenizer", tokenizer_path)
     require_file("--tokenizer", tokenizer_path, "pass the tokenizer the model was trained with")
     if file_sha256(tokenizer_path) != saved["tokenizer"]["fingerprint"]:
         raise UsageError(f"--tokenizer {tokenizer_path}: not the tokenizer --filepath {path} was trained "
                          f"with ({saved['tokenizer']['path']}); pass that one")
-    llama, tokenizer = load_base_model(base, tokenizer_path, device)
-    if weights_fingerprint(llama.state_dict()) != saved["base_model"]["fingerprint"]:
+    if base_fingerprint(base) != saved["base_model"]["fingerprint"]:
         raise UsageError(f"--pretrained-model-path {base}: its weights are not those of "
                          f"{saved['base_model']['path']}, the base model --filepath {path} was trained "
                          f"from; pass that model")
+    llama, tokenizer = load_base_model(base, tokenizer_path, device, dtype)
     lora = LoRASettings.from_record(saved["lora"]) if saved["lora"] else None
     model = build_classifier(llama, len(saved["label_names"]), saved["hidden_dropout_prob"], lora,
                              head_bias="classifier_head.bias" in saved["trainable"])
@@ -199,7 +210,7 @@ def load_classifier(path: str, saved: dict, model_path: Optional[str], tokenizer
 # A training run: its record, which files it may replace, what it saves
 
 def describe_run(settings: Settings, llama: Llama, base_fingerprint: str, label_names: list[str],
-                 world_size: int) -> dict[str, Any]:
+                 runtime: Runtime) -> dict[str, Any]:
     """Everything a checkpoint says about itself besides its tensors. Its "training" record holds the flags
     that shape the result: a resumed run must share them, and they tell one run's checkpoint from another's."""
     data, training, model = settings.data, settings.training, settings.model
@@ -208,9 +219,9 @@ def describe_run(settings: Settings, llama: Llama, base_fingerprint: str, label_
     files["--pretrained-model-path"] = {"path": os.path.abspath(model.model), "fingerprint": base_fingerprint}
     lora = training.lora.as_record() if training.lora else None
     record = {**files, "--option": training.option, "--label-names": label_names, "--epochs": training.epochs,
-              "--lr": training.lr, "--batch_size": data.batch_size, "--seed": settings.seed, "--dtype": settings.dtype,
+              "--lr": training.lr, "--batch_size": data.batch_size, "--seed": settings.seed, "--dtype": runtime.dtype,
               "--hidden_dropout_prob": training.hidden_dropout_prob, "--max_sentence_len": data.max_sentence_len,
-              "processes": world_size}
+              "processes": runtime.world_size}
     record.update({f"--lora_{key}": value for key, value in (lora or {}).items()})
     checkpoint = training.files.checkpoint
     return {"format": CHECKPOINT_FORMAT, "option": training.option, "label_names": label_names,

@@ -13,7 +13,9 @@ and this project interleave the pairs; the rows of wq and wk are permuted on the
 import json
 import os
 import sys
-from typing import Any, Optional
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -154,13 +156,16 @@ def weight_files(folder: str) -> list[str]:
     return paths
 
 
-def read_hf(folder: str) -> tuple[LlamaConfig, dict[str, torch.Tensor], bool]:
-    """(config, float32 state dict under our names with our rotary layout, tied) of a Hugging Face folder."""
-    config, tied = read_config(folder)
-    state_dict = {}
-    for path in weight_files(folder):
-        try:
-            with safe_open(path, framework="pt") as f:
+class SafetensorsWeights(Mapping):
+    """A folder's weights under our names, each read from its file (memory-mapped) only when asked for, in its
+    stored dtype and our rotary layout: a model built from it never holds a second copy of the weights. With tied
+    embeddings, the one stored matrix answers to both names, as the model holds it."""
+
+    def __init__(self, folder: str, config: LlamaConfig, tied: bool):
+        self.config = config
+        self.where: dict[str, tuple[str, str]] = {}  # our name -> (file, transformers' name)
+        for path in weight_files(folder):
+            with _readable(path), safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     if key.endswith("rotary_emb.inv_freq"):  # older exports store the rotary table; it is recomputed
                         continue
@@ -168,17 +173,57 @@ def read_hf(folder: str) -> tuple[LlamaConfig, dict[str, torch.Tensor], bool]:
                     if name is None:
                         raise UsageError(f"--pretrained-model-path {path}: tensor {key} is not part of a "
                                          f"LlamaForCausalLM; pass the folder of a base model")
-                    tensor = f.get_tensor(key).float()  # one tensor converted at a time
-                    heads = _heads(name, tensor, config)
-                    state_dict[name] = from_rotate_half(tensor, heads) if heads else tensor
-        except (OSError, RuntimeError, ValueError) as e:  # safetensors' own errors derive from these
-            raise UsageError(f"--pretrained-model-path {path}: not a readable safetensors file ({e})") from e
-    embedding, output = state_dict.get("tok_embeddings.weight"), state_dict.get("output.weight")
-    if tied and embedding is not None and output is not None and not torch.equal(embedding, output):
+                    self.where[name] = (path, key)
+        if tied:
+            for name, other in (("output.weight", "tok_embeddings.weight"), ("tok_embeddings.weight", "output.weight")):
+                if name not in self.where and other in self.where:
+                    self.where[name] = self.where[other]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, key = self.where[name]
+        with _readable(path), safe_open(path, framework="pt") as f:
+            tensor = f.get_tensor(key)
+        heads = _heads(name, tensor, self.config)
+        return from_rotate_half(tensor, heads) if heads else tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+@contextmanager
+def _readable(path: str) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as e:  # safetensors' own errors derive from these
+        raise UsageError(f"--pretrained-model-path {path}: not a readable safetensors file ({e})") from e
+
+
+def read_hf(folder: str) -> tuple[LlamaConfig, SafetensorsWeights, bool]:
+    """(config, the weights under our names with our rotary layout, read when asked for, tied) of a folder."""
+    config, tied = read_config(folder)
+    weights = SafetensorsWeights(folder, config, tied)
+    where = weights.where
+    if tied and {"tok_embeddings.weight", "output.weight"} <= where.keys() \
+            and where["tok_embeddings.weight"] != where["output.weight"] \
+            and not torch.equal(weights["tok_embeddings.weight"], weights["output.weight"]):
         print(f"note: {folder}: tie_word_embeddings is true but the file holds a different lm_head; as transformers "
               f"does, both are kept, untied", file=sys.stderr)
         tied = False
-    return config, state_dict, tied
+    return config, weights, tied
+
+
+def stored_dtype(folder: str) -> Optional[str]:
+    """The dtype config.json says the weights are stored in, as --dtype names it (bf16, fp16, fp32), if it says
+    (None too for a config that cannot be read: reading the model then says why)."""
+    try:
+        with open(os.path.join(folder, CONFIG_FILE), encoding="utf-8") as f:
+            hf = json.load(f)
+        return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(hf.get("dtype") or hf.get("torch_dtype"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------

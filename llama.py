@@ -4,15 +4,17 @@ Hugging Face folders.
 
 Parameter names are llama2.c's (wq, wk, wv, wo, w1, w2, w3, ...), so its checkpoints load as they are.
 """
-from typing import Iterator, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from base_llama import LlamaPreTrainedModel
 from config import LlamaConfig
-from hf import is_hf_folder, read_hf
+from hf import SafetensorsWeights, is_hf_folder, read_config, read_hf
 from llama2c import read_llama2c
 from rope import precompute_freqs_cis, rotate
 from utils import UsageError
@@ -183,6 +185,7 @@ class Llama(LlamaPreTrainedModel, Generation):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if tied_embeddings:
             self.tok_embeddings.weight = self.output.weight
+        self.gradient_checkpointing = False  # trade compute for memory in training (see _layer)
         self.init_weights()
         self.freqs_cis = self._rope_table()  # (max_seq_len, head_dim // 2) complex64
 
@@ -244,11 +247,18 @@ class Llama(LlamaPreTrainedModel, Generation):
 
         h = self.dropout(self.tok_embeddings(tokens))
         for layer, cache in zip(self.layers[:-1], caches):
-            h = layer(h, freqs_cis, mask, is_causal, cache, start_pos)
+            h = self._layer(layer, h, freqs_cis, mask, is_causal, cache, start_pos)
         if only_at is not None:
             mask, is_causal = attention_mask(seqlen, start_pos, padding_mask, causal, tokens.device, only_at)
-        h = self.layers[-1](h, freqs_cis, mask, is_causal, caches[-1], start_pos, only_at)
+        h = self._layer(self.layers[-1], h, freqs_cis, mask, is_causal, caches[-1], start_pos, only_at)
         return self.norm(h)
+
+    def _layer(self, layer: LlamaLayer, *inputs: Any) -> torch.Tensor:
+        """One layer's output. With gradient_checkpointing while training, its activations are not kept for the
+        backward pass but recomputed there, one layer at a time (the same dropout masks: the RNG is replayed)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *inputs, use_reentrant=False)
+        return layer(*inputs)
 
 
 def attention_mask(seqlen: int, start_pos: int, padding_mask: Optional[torch.Tensor], causal: bool,
@@ -300,35 +310,45 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: Optional[
 # ---------------------------------------------------------------------------------------------------------
 # Loading checkpoints
 
-def load_pretrained(checkpoint: str) -> Llama:
+def read_checkpoint(checkpoint: str) -> tuple[LlamaConfig, Mapping[str, torch.Tensor], bool]:
+    """(config, weights under our names as the file stores them, tied) of a llama2.c .pt or .bin (llama2c.py) or a
+    Hugging Face folder (hf.py). The weights are memory-mapped or read when asked for, never all at once."""
+    return read_hf(checkpoint) if is_hf_folder(checkpoint) else read_llama2c(checkpoint)
+
+
+def stored_weights(checkpoint: str) -> Mapping[str, torch.Tensor]:
+    """A checkpoint's weights, read as for a model but without loading anything yet, to fingerprint them."""
+    if is_hf_folder(checkpoint):
+        return SafetensorsWeights(checkpoint, *read_config(checkpoint))
+    return read_llama2c(checkpoint)[1]
+
+
+def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32) -> Llama:
     """A Llama with the weights of a llama2.c checkpoint (train.py's .pt or the legacy .bin export, read and
-    checked by llama2c.py) or of a Hugging Face folder (hf.py). A checkpoint that does not match its own config is
-    a UsageError."""
-    config, state_dict, tied = read_hf(checkpoint) if is_hf_folder(checkpoint) else read_llama2c(checkpoint)
-    # Built on the meta device: its shapes are checked against the file before any memory is taken, and the
-    # tensors read become the parameters (assign), so the weights are never held twice.
+    checked by llama2c.py) or of a Hugging Face folder (hf.py), held in dtype. A checkpoint that does not match its
+    own config is a UsageError."""
+    config, weights, tied = read_checkpoint(checkpoint)
+    # Built on the meta device: its names are checked against the file before any memory is taken, and the
+    # tensors read become the parameters (assign), each converted on its own, so the weights are never held twice.
     with torch.device("meta"):
         model = Llama(config, tied_embeddings=tied)
-    _check_tensors(model, state_dict, checkpoint)
-    model.load_state_dict({name: t.float() for name, t in state_dict.items()}, strict=True, assign=True)
-    if tied:
-        model.tok_embeddings.weight = model.output.weight  # assign made one parameter per name
-    return model.to("cpu")  # rebuilds the rotary table, made on the meta device
-
-
-def _check_tensors(model: Llama, state_dict: dict, path: str) -> None:
-    """Every weight of the model, and nothing else, at its shape: none may stay uninitialised."""
-    if model.tied_embeddings:
-        state_dict.setdefault("output.weight", state_dict.get("tok_embeddings.weight"))
-        state_dict.setdefault("tok_embeddings.weight", state_dict["output.weight"])
     expected = model.state_dict()
-    missing = sorted(k for k in expected if state_dict.get(k) is None)
-    unexpected = sorted(k for k in state_dict if k not in expected)
+    missing = sorted(k for k in expected if k not in weights)
+    unexpected = sorted(k for k in weights if k not in expected)
     if missing or unexpected:
-        raise UsageError(f"checkpoint {path}: tensors do not match a Llama of its own config "
+        raise UsageError(f"checkpoint {checkpoint}: tensors do not match a Llama of its own config "
                          f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                          f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
-    for name, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UsageError(f"checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)} but its config "
-                             f"give {tuple(expected[name].shape)}; the file is inconsistent")
+    held = {}
+    for name, parameter in expected.items():
+        if tied and name == "tok_embeddings.weight":
+            continue  # the output matrix, tied below
+        tensor = weights[name]
+        if tensor.shape != parameter.shape:
+            raise UsageError(f"checkpoint {checkpoint}: tensor {name} has shape {tuple(tensor.shape)} but its config "
+                             f"give {tuple(parameter.shape)}; the file is inconsistent")
+        held[name] = tensor.to(dtype)
+    model.load_state_dict(held, strict=False, assign=True)  # every name was checked above
+    if tied:
+        model.tok_embeddings.weight = model.output.weight
+    return model.to("cpu")  # rebuilds the rotary table, made on the meta device

@@ -61,6 +61,8 @@ def _read_train_checkpoint(path: str) -> tuple[LlamaConfig, dict, bool]:
         raise UsageError(f"checkpoint {path}: 'model' holds something other than float tensors; fetch it again")
     embeddings, output = state_dict.get("tok_embeddings.weight"), state_dict.get("output.weight")
     tied = embeddings is None or output is None or (embeddings.shape == output.shape and torch.equal(embeddings, output))
+    if tied and (embeddings is None) != (output is None):  # the one matrix answers to both names, as in the model
+        state_dict["tok_embeddings.weight"] = state_dict["output.weight"] = embeddings if output is None else output
     return config, state_dict, tied
 
 
@@ -93,6 +95,8 @@ def _read_legacy_export(path: str) -> tuple[LlamaConfig, dict, bool]:
         if not name.startswith("<"):  # the rope tables are recomputed, not loaded
             state_dict[name] = data[offset:offset + n].view(shape)
         offset += n
+    if tied:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     return config, state_dict, tied
 
 

@@ -26,7 +26,8 @@ class LoRALinear(nn.Linear):
             self.bias.requires_grad_(False)
         self.rank = rank
         self.scaling = alpha / rank
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # fp32 at least: under a bf16 or fp16 run the frozen weight is held in it, but what trains keeps fp32 masters
+        factory = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises, and PEFT

@@ -42,14 +42,14 @@ from typing import Any, Optional
 
 import torch
 
-from checkpoint import (CHECKPOINT_FORMAT, check_run_files, describe_run, load_base_model, load_classifier,
-                        load_trainable, read_saved, weights_fingerprint)
+from checkpoint import (CHECKPOINT_FORMAT, base_fingerprint, check_run_files, describe_run, load_base_model,
+                        load_classifier, load_trainable, read_saved)
 from classifier import build_classifier, zero_shot_classifier
 from data import Split, load_split, read_label_names, warn_if_labels_unused
 from decoding import prepare_for_decoding, timed_generation, weight_megabytes
 from evaluate import line_by_line, predict, print_metrics, report, write_predictions
 from export import check_export_folder, run_export
-from hf import default_tokenizer, is_hf_folder
+from hf import default_tokenizer, is_hf_folder, stored_dtype
 from lora import ALL_TARGETS, ATTENTION_TARGETS, DEFAULT_TARGETS, merge_lora
 from runtime import DTYPES, Interrupted, Runtime, seed_everything, signals_interrupt, start_runtime
 from settings import (DEFAULT_MODEL, ClassifySettings, DataSettings, ExportSettings, GenerationRun, GenerationSettings,
@@ -102,9 +102,10 @@ def build_parser() -> ArgumentParser:
                         help="cut each classified sentence to this many tokens (prompts and labels stay whole)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds initialisation, dropout and batch order")
     parser.add_argument("--use_gpu", action="store_true", help="run on CUDA (or Apple MPS)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES),
-                        help="autocast precision; bf16/fp16 speed up GPUs, fp32 matches the reference outputs "
-                             "(default: fp32; classify: the training run's)")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="precision the weights are held and multiplied in (what trains keeps fp32 masters); auto: "
+                             "the checkpoint's (a llama2.c model's fp32; classify: the training run's) where this "
+                             "device multiplies it natively, else fp32")
     add_generation_flags(parser.add_argument_group("generate"))
     add_classification_flags(parser.add_argument_group("classification"))
     return parser
@@ -142,6 +143,10 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
                           "computed and the step is the batch's (default: on a CPU as few as pad at most a quarter "
                           "of a token per real token, on a GPU the whole batch); with dropout, each micro-batch "
                           "draws its own masks")
+    cls.add_argument("--gradient_checkpointing", action="store_true",
+                     help="training: recompute each layer's activations in the backward pass instead of keeping "
+                          "them: less memory for long inputs and big models, a second forward pass of compute, the "
+                          "same results")
     cls.add_argument("--lr", type=finite_float, default=1e-5, help="AdamW learning rate")
     cls.add_argument("--hidden_dropout_prob", type=finite_float, default=0.3, help="dropout before the classification head")
     cls.add_argument("--filepath", default=None,
@@ -196,10 +201,12 @@ def get_args(argv: Optional[list[str]] = None) -> Settings:
         lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets) \
             if args.option == "lora" else None
         training = TrainingSettings(args.option, args.epochs, args.lr, args.hidden_dropout_prob, lora, files,
-                                    args.resume, args.overwrite, args.micro_batch_size)
+                                    args.resume, args.overwrite, args.micro_batch_size, args.gradient_checkpointing)
         outputs = files.outputs() + outputs  # the checkpoint first: the file that a clash names
     check_outputs(outputs, inputs)
-    settings = Settings(args.option, args.use_gpu, args.dtype or "fp32", args.seed, model, tuple(outputs))
+    stored = stored_dtype(model.model) if is_hf_folder(model.model) else "fp32"
+    settings = Settings(args.option, args.use_gpu, args.dtype, args.seed, model, tuple(outputs),
+                        stored_dtype=(stored, f"{model.model} is stored in"))
     if args.option == "generate":
         return dataclasses.replace(settings, generation=generation)
     if args.option == "prompt":
@@ -214,6 +221,8 @@ def check_values(args: argparse.Namespace) -> None:
         (args.micro_batch_size is None or args.micro_batch_size > 0, "--micro_batch_size must be > 0"),
         (args.option in ("finetune", "lora") or args.micro_batch_size is None,
          "--micro_batch_size goes with --option finetune or lora"),
+        (args.option in ("finetune", "lora") or not args.gradient_checkpointing,
+         "--gradient_checkpointing goes with --option finetune or lora"),
         (args.epochs >= 0, "--epochs must be >= 0"),
         (args.temperature is None or args.temperature >= 0, "--temperature must be >= 0"),
         (args.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
@@ -303,12 +312,8 @@ def classify_settings(args: argparse.Namespace) -> Settings:
     classify = ClassifySettings(args.filepath, saved, args.input, args.output, args.pretrained_model_path,
                                 args.tokenizer, args.batch_size or saved["training"]["--batch_size"],
                                 args.max_sentence_len or saved["max_sentence_len"])
-    dtype = args.dtype or saved["training"]["--dtype"]
-    if dtype == "fp16" and not args.dtype and not args.use_gpu:
-        print(f"note: --filepath {args.filepath} was trained with --dtype fp16, which needs a GPU; classifying in "
-              f"fp32 on the CPU", file=sys.stderr)
-        dtype = "fp32"
-    return Settings("classify", args.use_gpu, dtype, args.seed, None, tuple(outputs), classify=classify)
+    return Settings("classify", args.use_gpu, args.dtype, args.seed, None, tuple(outputs), classify=classify,
+                    stored_dtype=(saved["training"]["--dtype"], f"--filepath {args.filepath} was trained in"))
 
 
 def export_settings(args: argparse.Namespace) -> Settings:
@@ -336,7 +341,8 @@ def export_settings(args: argparse.Namespace) -> Settings:
 
 def generate(settings: Settings, runtime: Runtime) -> None:
     generation = settings.generation
-    llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device)
+    llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device,
+                                       runtime.weights_dtype)
     llama = prepare_for_decoding(llama.eval(), generation.quantize)
     if generation.quantize:
         print(f"quantized the weights to {generation.quantize} ({weight_megabytes(llama):.1f} MB)")
@@ -387,7 +393,8 @@ def report_splits(model: torch.nn.Module, splits: tuple[Optional[Split], Split, 
 
 def prompt(settings: Settings, runtime: Runtime) -> None:
     label_names = read_label_names(settings.data.label_names)
-    llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device)
+    llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device,
+                                       runtime.weights_dtype)
     model = zero_shot_classifier(llama, tokenizer, label_names, settings.data.label_names)
     splits = load_splits(settings, label_names, tokenizer, llama.config.max_seq_len,
                          prompt_suffix=model.prompt_suffix, label_room=model.label_room)
@@ -398,14 +405,15 @@ def train(settings: Settings, runtime: Runtime) -> None:
     """finetune and lora: train, reload the best-dev checkpoint, report on every split."""
     training = settings.training
     label_names = read_label_names(settings.data.label_names)
-    llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device)
-    base_fingerprint = weights_fingerprint(llama.state_dict())  # before adapters rename the weights
+    held = runtime.weights_dtype if training.lora else torch.float32  # full fine-tuning trains fp32 masters
+    llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device, held)
+    llama.gradient_checkpointing = training.gradient_checkpointing
     model = build_classifier(llama, len(label_names), training.hidden_dropout_prob, training.lora)
     splits = load_splits(settings, label_names, tokenizer, llama.config.max_seq_len)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    described = describe_run(settings, llama, base_fingerprint, label_names, runtime.world_size)
+    described = describe_run(settings, llama, base_fingerprint(settings.model.model), label_names, runtime)
     state = check_run_files(settings, described["training"])
     fit(model, splits[0], splits[1], settings, tokenizer.pad_id, runtime, described, state)
     path = training.files.checkpoint
@@ -423,7 +431,7 @@ def classify(settings: Settings, runtime: Runtime) -> None:
     to_file = classify.output and classify.output != "-"
     with contextlib.redirect_stdout(sys.stdout if to_file else sys.stderr):
         model, tokenizer = load_classifier(classify.checkpoint, classify.saved, classify.model, classify.tokenizer,
-                                           runtime.device)
+                                           runtime.device, runtime.weights_dtype)
         label_names = classify.saved["label_names"]
         split = load_split("input", classify.input, len(label_names), tokenizer, model.llama.config.max_seq_len,
                            classify.max_sentence_len, labels_optional=True)
@@ -454,14 +462,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with signals_interrupt():
             settings = get_args(argv)
-            runtime = start_runtime(settings.use_gpu, settings.dtype)
+            runtime = start_runtime(settings.use_gpu, settings.dtype, *settings.stored_dtype)
             if not runtime.is_main:
                 sys.stdout = open(os.devnull, "w")  # one log: rank 0's
             seed_everything(settings.seed + runtime.rank)  # own dropout masks; shared batches come from --seed
             with held_outputs(list(settings.outputs) if runtime.is_main else []):  # rank 0 alone writes
                 OPTIONS[settings.option](settings, runtime)
-            if settings.option in MODE_NAMES:
-                print(f"wall time {time.perf_counter() - start:.0f} s")
+            if settings.option != "export":  # classify's stdout holds its results alone
+                print(f"wall time {time.perf_counter() - start:.0f} s, {runtime.peak_memory()}",
+                      file=sys.stderr if settings.option == "classify" else sys.stdout)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

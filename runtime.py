@@ -41,6 +41,16 @@ def signals_interrupt() -> Iterator[None]:
             signal.signal(s, old)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: ru_maxrss would count a forking parent's too)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):  # not Linux
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -62,6 +72,22 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dtype(self) -> str:
+        """The run's precision as --dtype names it."""
+        return next(name for name, dtype in DTYPES.items() if dtype == self.amp_dtype)
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """How the weights that do not train are held: in the run's precision, so that none is cast per step."""
+        return self.amp_dtype or torch.float32
+
+    def peak_memory(self) -> str:
+        """The most memory this process has held so far: the GPU's allocations on CUDA, else resident memory."""
+        if self.device.type == "cuda":
+            return f"peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 1e9:.2f} GB"
+        return f"peak memory {peak_rss() / 1e9:.2f} GB"
 
     def autocast(self) -> ContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
@@ -94,19 +120,36 @@ class Runtime:
         return gathered
 
 
-def start_runtime(use_gpu: bool, dtype: str) -> Runtime:
+def start_runtime(use_gpu: bool, dtype: str, stored: Optional[str] = None, source: str = "") -> Runtime:
     """Plain `python run_llama.py` runs one process; under torchrun (WORLD_SIZE > 1) join the process group,
-    gloo on CPU and NCCL on CUDA, one GPU per process."""
+    gloo on CPU and NCCL on CUDA, one GPU per process. dtype "auto" follows `stored`, the precision the weights of
+    `source` are stored (or were trained) in (see resolve_dtype)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = get_device(use_gpu, local_rank)
-    precision = amp_dtype(dtype, device)
+    precision = amp_dtype(resolve_dtype(dtype, stored, source, device), device)
     if world_size == 1:
         return Runtime(device, precision)
     if device.type == "mps":
         raise UsageError("torchrun with --use_gpu needs CUDA; Apple MPS runs one process")
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Runtime(device, precision, torch.distributed.get_rank(), world_size)
+
+
+def resolve_dtype(dtype: str, stored: Optional[str], source: str, device: torch.device) -> str:
+    """--dtype auto: the precision the weights are stored in where this device multiplies in it natively (bf16 on
+    CUDA, AVX512-BF16 or AMX; fp16 on a GPU), else fp32 with a note. A llama2.c model (fp32) stays fp32."""
+    if dtype != "auto":
+        return dtype
+    if stored not in ("bf16", "fp16"):
+        return "fp32"
+    native = {"cuda": stored == "fp16" or torch.cuda.is_bf16_supported(), "mps": stored == "fp16",
+              "cpu": stored == "bf16" and cpu_has_bf16_matmul()}.get(device.type, False)
+    if native:
+        return stored
+    why = "needs a GPU" if stored == "fp16" and device.type == "cpu" else f"is slow on this {device.type.upper()}"
+    print(f"note: {source} {stored}, which {why}; running in fp32 (--dtype sets it)", file=sys.stderr)
+    return "fp32"
 
 
 def amp_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:

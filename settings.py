@@ -89,6 +89,7 @@ class TrainingSettings:
     resume: bool
     overwrite: bool
     micro_batch_size: Optional[int] = None  # None: the device's default (train.accumulate_gradients)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class Settings:
     """One run: the option and what it needs (the parts an option does not use are None)."""
     option: str
     use_gpu: bool
-    dtype: str  # fp32, bf16 or fp16 autocast
+    dtype: str  # --dtype: auto, fp32, bf16 or fp16
     seed: int
     model: Optional[ModelFiles]  # None for classify: the checkpoint names its own
     outputs: tuple[tuple[str, str], ...]  # (flag, path) of every file the run writes
@@ -129,3 +130,4 @@ class Settings:
     training: Optional[TrainingSettings] = None
     classify: Optional[ClassifySettings] = None
     export: Optional[ExportSettings] = None
+    stored_dtype: tuple[Optional[str], str] = (None, "")  # (precision, "<model> is stored in"): --dtype auto's

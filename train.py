@@ -110,7 +110,7 @@ class Training:
         dev_acc, dev_f1 = dev_metrics
         mean_loss = train_loss / max(n_seen, 1)
         print(f"epoch {epoch}: train loss :: {mean_loss:.3f}, dev acc :: {dev_acc:.3f}, "
-              f"{time.perf_counter() - start:.0f} s")
+              f"{time.perf_counter() - start:.0f} s, {self.runtime.peak_memory()}")
         progress = self.progress
         progress.history.append({"epoch": epoch, "train_loss": mean_loss, "dev_acc": dev_acc, "dev_f1": dev_f1,
                                  "seconds": time.perf_counter() - start, "examples_per_s": n_seen / train_seconds})

@@ -389,7 +389,7 @@ def test_a_checkpoint_trained_in_fp16_classifies_on_a_cpu_in_fp32(trained, tmp_p
     torch.save(saved, tmp_path / "fp16.pt")
     run(["--option", "classify", "--filepath", "fp16.pt", "--input", str(trained["dev"]), "--output", "p.txt"],
         tmp_path)
-    assert "trained with --dtype fp16, which needs a GPU; classifying in fp32 on the CPU" in capsys.readouterr().err
+    assert "fp16.pt was trained in fp16, which needs a GPU; running in fp32" in capsys.readouterr().err
     expected = trained["runs"]["lora"] / "sst-dev-lora-output.txt"
     assert (tmp_path / "p.txt").read_bytes() == expected.read_bytes()
 

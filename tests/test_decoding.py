@@ -178,3 +178,24 @@ def test_next_tokens_agree_with_fp32_and_log_probabilities_stay_close(models, qu
         next_token_changes.append((log_p[:-1].gather(1, next_ids) - log_q[:-1].gather(1, next_ids)).abs().flatten())
     assert agree / positions >= min_agreement, f"{agree}/{positions}"
     assert torch.cat(next_token_changes).mean() <= max_mean_change
+
+
+def test_bf16_weights_decode_in_fp16_products_at_two_bytes_a_weight():
+    """A model held in bf16 decodes with fbgemm's fp16-weight products where its matrices fit fp16, with logits
+    those of the fp32 model within bf16's rounding; a matrix beyond fp16's range stays bf16."""
+    torch.manual_seed(0)
+    held = Llama(tiny_config(), tied_embeddings=False).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        held.layers[1].feed_forward.w2.weight[0, 0] = 70000.0  # beyond fp16's 65504
+    held_as_fp32 = copy.deepcopy(held).float()  # the same bf16 values, computed in fp32
+    bf16_bytes = sum(p.numel() * 2 for p in held.parameters() if p.dim() == 2)
+    prepared = prepare_for_decoding(held)
+    kinds = [type(m) for m in prepared.products()]
+    assert kinds.count(TransposedLinear) == 1 and prepared.layers[1].w2.weight_t.dtype == torch.bfloat16
+    assert kinds.count(Fp16Linear) == len(kinds) - 1
+    assert weight_megabytes(prepared) * 1e6 == pytest.approx(bf16_bytes, rel=0.01)
+    with torch.no_grad():
+        tokens = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(3))
+        expected = held_as_fp32(tokens, all_logits=True)[0]
+        logits = prepared(tokens, all_logits=True)[0]
+    torch.testing.assert_close(logits, expected, atol=1e-2, rtol=1e-2)

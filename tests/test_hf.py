@@ -10,7 +10,7 @@ import torch
 
 import run_llama
 from conftest import ROOT, TOK512, asset
-from hf import default_tokenizer, read_hf
+from hf import default_tokenizer, read_hf, stored_dtype
 from llama import load_pretrained
 from tokenizer import Tokenizer
 from test_cli import read_lines, run, sst_subset  # noqa: F401 (a fixture)
@@ -157,9 +157,10 @@ def test_every_option_takes_a_folder_with_its_own_tokenizer(hf_folders, tmp_path
     assert (tmp_path / "again.txt").read_bytes() == (tmp_path / "sst-dev-lora-output.txt").read_bytes()
 
 
-def test_loading_a_folder_holds_the_weights_once(tmp_path):
-    """The tensors read become the parameters: peak memory grows by the weights and some change, not by twice
-    the weights as when they were copied into new parameters."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_a_folder_holds_the_weights_once_in_the_run_s_precision(tmp_path, dtype):
+    """The tensors read become the parameters, each converted on its own: peak memory grows by the weights in the
+    run's precision and some change, not by twice the weights as when they were copied into new parameters."""
     from safetensors.torch import save_file
 
     from config import LlamaConfig
@@ -168,19 +169,20 @@ def test_loading_a_folder_holds_the_weights_once(tmp_path):
 
     config = LlamaConfig(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=256)  # 300 MB in fp32
     model = Llama(config, tied_embeddings=False)
-    save_file(hf_weights(model.state_dict(), config, tied=False), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(hf_config(config, tied=False)))
-    del model
+    weights = {name: t.to(getattr(torch, dtype)) for name, t in hf_weights(model.state_dict(), config, False).items()}
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config(config, tied=False), "dtype": dtype}))
+    del model, weights
     # VmHWM: this process's peak resident memory (ru_maxrss would report pytest's, inherited through fork)
-    script = ("import sys; from llama import load_pretrained; "
+    script = ("import sys, torch; from llama import load_pretrained; "
               "peak = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024; "
-              "before = peak(); model = load_pretrained(sys.argv[1]); "
+              "before = peak(); model = load_pretrained(sys.argv[1], getattr(torch, sys.argv[2])); "
               "sum(p.sum() for p in model.parameters()); "  # every weight read once: all of it is in memory
-              "print((peak() - before) / sum(p.numel() * 4 for p in model.parameters()))")
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+              "print((peak() - before) / sum(p.numel() * p.element_size() for p in model.parameters()))")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path), dtype], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert float(result.stdout) < 1.8, result.stdout  # 1.4 here; copying into new parameters: 2.4
+    assert float(result.stdout) < 1.8, result.stdout  # 1.4 here in fp32; copying into new parameters: 2.4
 
 
 def test_a_folder_with_only_tokenizer_json_runs_and_exports_it(hf_folders, tmp_path):
@@ -202,3 +204,59 @@ def test_a_folder_with_only_tokenizer_json_runs_and_exports_it(hf_folders, tmp_p
     text = "Once upon a time, <s> was text."
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")(text)["input_ids"]
     assert theirs == Tokenizer(str(tmp_path / "out" / "tokenizer.json")).encode(text, bos=True, eos=False)
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(hf_folders, tmp_path_factory):
+    """transformers' tiny model saved in bf16, as real checkpoints are: its config says so."""
+    model, root = hf_folders
+    folder = tmp_path_factory.mktemp("bf16")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(root / "single", dtype=torch.bfloat16).eval()
+    theirs.save_pretrained(folder)
+    shutil.copyfile(root / "single" / "tokenizer.model", folder / "tokenizer.model")
+    assert stored_dtype(str(folder)) == "bf16"
+    return theirs, folder
+
+
+def test_a_bf16_folder_held_in_bf16_gives_transformers_bf16_logits_and_greedy_tokens(bf16_folder):
+    theirs, folder = bf16_folder
+    ours = load_pretrained(str(folder), torch.bfloat16).eval()
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    tokens = torch.randint(0, 512, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ours(tokens, all_logits=True)[0]
+        greedy = ours.generate(tokens[:1], 20, temperature=0.0)
+    with torch.no_grad():
+        expected = theirs(tokens).logits
+        expected_greedy = theirs.generate(tokens[:1], max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                                          pad_token_id=0, eos_token_id=None)
+    # bf16 keeps 8 bits of mantissa: a few units of its last place on logits of about 1
+    torch.testing.assert_close(logits.float(), expected.float(), atol=3e-2, rtol=2e-2)
+    assert greedy.tolist() == expected_greedy.tolist()
+
+
+def test_a_bf16_base_trains_fp32_adapters_and_classifies_in_any_precision(bf16_folder, tmp_path, sst_subset,  # noqa: F811
+                                                                        monkeypatch, capsys):
+    """--dtype auto runs a bf16 folder in bf16 where the CPU multiplies bf16 (else fp32, with a note); the base is
+    held in bf16, what trains in fp32; the checkpoint names its base by the stored weights, so classify finds it
+    whatever precision it runs in."""
+    import runtime
+    folder = str(bf16_folder[1])
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: True)
+    run(["--option", "lora", "--pretrained-model-path", folder, *sst_subset, "--epochs", "1", "--lr", "1e-2",
+         "--filepath", "lora.pt"], tmp_path)
+    out = capsys.readouterr().out
+    assert "parameters, bfloat16)" in out and "peak memory" in out
+    saved = torch.load(tmp_path / "lora.pt")
+    assert saved["training"]["--dtype"] == "bf16"
+    assert {t.dtype for t in saved["trainable"].values()} == {torch.float32}
+    run(["--option", "classify", "--filepath", "lora.pt", "--input", sst_subset[3], "--output", "again.txt"], tmp_path)
+    assert (tmp_path / "again.txt").read_bytes() == (tmp_path / "sst-dev-lora-output.txt").read_bytes()
+    run(["--option", "classify", "--filepath", "lora.pt", "--input", sst_subset[3], "--output", "fp32.txt",
+         "--dtype", "fp32"], tmp_path)
+    assert "parameters, float32)" in capsys.readouterr().out
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
+    run(["--option", "generate", "--pretrained-model-path", folder, "--max_new_tokens", "5"], tmp_path)
+    captured = capsys.readouterr()
+    assert "is stored in bf16, which is slow on this CPU; running in fp32" in captured.err
+    assert "parameters, float32)" in captured.out

@@ -197,3 +197,24 @@ def test_casting_the_model_keeps_the_rotary_table_and_the_story():
     prompt = torch.tensor([tokenizer.encode("Once upon a time", bos=True, eos=False)])
     text = tokenizer.decode(model.to(torch.bfloat16).generate(prompt, 20, temperature=0.0)[0].tolist())
     assert text.startswith("Once upon a time, there was a little girl named Lily. She loved to play")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_and_padding():
+    """The layers' activations are recomputed in the backward pass, with the same dropout masks."""
+    gradients, kept = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = Llama(tiny_config(dropout=0.2)).train()
+        model.gradient_checkpointing = checkpointing
+        tokens = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+        padding_mask = torch.ones_like(tokens)
+        padding_mask[1, 7:] = 0
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            hidden = model.hidden_states(tokens, padding_mask, only_at=torch.tensor([10, 6, 10]))
+        kept.append(sum(saved))  # what the backward pass would keep from the forward pass
+        hidden.pow(2).sum().backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters()})
+    assert kept[1] < kept[0] / 2
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, atol=1e-6, rtol=1e-5, msg=name)

@@ -62,3 +62,20 @@ def test_use_gpu_without_one_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(UsageError, match="--use_gpu: no CUDA"):
         get_device(True)
+
+
+def test_auto_precision_follows_the_stored_one_where_the_device_multiplies_it(monkeypatch, capsys):
+    import runtime
+    from runtime import resolve_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: True)
+    assert [resolve_dtype("auto", stored, "m is stored in", cpu) for stored in ("bf16", "fp32", None)] == \
+        ["bf16", "fp32", "fp32"]
+    assert resolve_dtype("fp32", "bf16", "m is stored in", cpu) == "fp32"
+    assert capsys.readouterr().err == ""
+    assert resolve_dtype("auto", "fp16", "m is stored in", cpu) == "fp32"
+    assert "note: m is stored in fp16, which needs a GPU; running in fp32" in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
+    assert resolve_dtype("auto", "bf16", "m is stored in", cpu) == "fp32"
+    assert "m is stored in bf16, which is slow on this CPU; running in fp32" in capsys.readouterr().err
