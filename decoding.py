@@ -46,6 +46,7 @@ from torch import nn
 
 from config import LlamaConfig
 from llama import Generation, KVCache, Llama, LlamaLayer, attention_mask
+from utils import return_free_memory
 
 
 def numpy_view(weight: torch.Tensor) -> Optional[np.ndarray]:
@@ -95,14 +96,27 @@ class TransposedLinear(nn.Module):
         return self.weight_t.t()[indices]
 
 
+BLOCK = 1 << 24  # elements of a weight converted at a time: what converting adds to the weights is 64 MB of fp32
+
+
+def row_blocks(weight: torch.Tensor, elements: int = BLOCK) -> list[slice]:
+    """The weight's rows in blocks of at most `elements` (BLOCK: one block for every matrix of stories42M)."""
+    rows = max(1, elements // weight.shape[1])
+    return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (out, in) -> int8 q (out, in) and scale (out,) in bf16 with weight ~ scale[:, None] * q.
 
     The scale is rounded to bf16 first, since that is how the CPU kernel reads it, and q is computed against
-    the rounded scale: the rounding then costs nothing beyond the half step."""
-    weight = weight.detach().float()
-    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
-    q = torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    the rounded scale: the rounding then costs nothing beyond the half step. A block of rows at a time: the few
+    float temporaries of a block are all that converting adds to the weights."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+    for rows in row_blocks(weight, BLOCK // 4):
+        block = weight[rows].detach().float()
+        scale[rows] = (block.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+        q[rows] = torch.round(block / scale[rows].float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 
 
@@ -141,16 +155,19 @@ class Fp16Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, rows: bool = False, products: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        half = weight.detach().half()
-        self.packed = None
-        if products and half.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
-            self.packed = torch.ops.quantized.linear_prepack_fp16(half.float(), None)
-        self.packed_bytes = 0 if self.packed is None else half.numel() * half.element_size()
-        self.register_buffer("weight", half if rows or self.packed is None else None)
+        weight = weight.detach()
+        self.packed = []  # one packed copy per block of rows: converting never holds more than a block in fp32
+        if products and weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
+            self.packed = [torch.ops.quantized.linear_prepack_fp16(weight[block].half().float(), None)
+                           for block in row_blocks(weight)]
+        self.packed_bytes = 2 * weight.numel() if self.packed else 0
+        self.register_buffer("weight", weight.half() if rows or not self.packed else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self.packed)
+        if self.packed:
+            flat = x.reshape(-1, self.in_features).float()
+            outs = [torch.ops.quantized.linear_dynamic_fp16(flat, packed) for packed in self.packed]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype))
 
@@ -177,9 +194,10 @@ def half_of_bf16(weight: torch.Tensor) -> bool:
     at about twice the speed of PyTorch's bf16 product (and many times it on a CPU without bf16 instructions). fp16
     holds every bf16 value of fp16's normal range exactly; below it (|w| < 2^-14) each loses at most 2^-25, far
     under the bf16 rounding of the weights around it. A matrix with a value beyond fp16's range stays bf16."""
+    largest = torch.finfo(torch.float16).max
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
             and "fbgemm" in torch.backends.quantized.supported_engines
-            and weight.abs().amax().item() <= torch.finfo(torch.float16).max)
+            and -largest <= weight.min().item() and weight.max().item() <= largest)
 
 
 class TableEmbedding(nn.Module):
@@ -259,10 +277,14 @@ class Decoder(nn.Module, Generation):
         for i in range(len(model.layers)):
             layer, model.layers[i] = model.layers[i], nn.Identity()  # each float layer is freed once converted
             self.layers.append(DecoderLayer(layer, model.config, quantize, self.eps))
+            del layer
+            return_free_memory()  # else the temporaries freed here add up to the peak (see utils)
         self.output = decoding_linear(model.output.weight, quantize, rows=tied)
+        model.output = nn.Identity()
         table = self.output if tied else decoding_linear(model.tok_embeddings.weight, quantize, rows=True,
                                                          products=False)
-        model.output = model.tok_embeddings = nn.Identity()
+        model.tok_embeddings = nn.Identity()
+        return_free_memory()
         self.tok_embeddings = TableEmbedding(table)
         self.freqs_cis = model.freqs_cis  # (max_seq_len, head_dim // 2) complex64, where the weights are
         self.identity = torch.ones(1, model.config.n_kv_heads, model.config.head_dim // 2, dtype=self.freqs_cis.dtype,

@@ -2,6 +2,7 @@
 bad input into one line, and files handled safely (checks of output paths before any work, locks that keep two
 runs off one file, atomic writes that a signal cannot cut, loads that run no code, hashes)."""
 import argparse
+import ctypes
 import fcntl
 import hashlib
 import importlib.util
@@ -239,6 +240,21 @@ def load_tensors(path: str, flag: str, fix: str = "delete it or pass another fil
     except Exception as e:  # torch raises several types for a file it cannot read
         raise UsageError(f"{flag} {path}: truncated, corrupt or not a PyTorch checkpoint ({first_line(e)}); "
                          f"{fix}") from e
+
+
+def return_free_memory() -> None:
+    """Hand the memory that the allocator keeps after frees back to the system. glibc keeps freed pages within its
+    heap for reuse, so a model converted piece by piece (each piece's temporaries freed) would otherwise peak at its
+    weights plus every temporary it ever made (measured at 1.1B parameters: 2.5 GB against 1.7 for int8 weights).
+    Elsewhere than glibc, nothing to do."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+except OSError:  # a Linux without glibc (musl)
+    _LIBC = None
 
 
 def first_line(error: BaseException) -> str:

@@ -50,7 +50,7 @@ def test_fp16_linear_is_the_product_with_its_half_precision_weight(packed):
     torch.manual_seed(0)
     weight = torch.randn(96, 64) * 0.05
     layer = Fp16Linear(weight, products=packed, rows=not packed)
-    assert (layer.packed is not None) == packed and (layer.weight is None) == packed
+    assert bool(layer.packed) == packed and (layer.weight is None) == packed
     x = torch.randn(2, 3, 64)
     out = layer(x)
     assert out.shape == (2, 3, 96) and out.dtype == torch.float32
