@@ -6,6 +6,7 @@
   .venv/bin/python bench.py --dtype bf16 --llama2c ../shared/llama2c   # bf16 training; llama2.c decode rows
   .venv/bin/python bench.py --decode --llama2c ../shared/llama2c        # the decoding rows alone (minutes)
   .venv/bin/python bench.py --training                                  # the training step rows alone
+  .venv/bin/python bench.py --big       # 1.1B parameters (TinyLlama's shape): generate and LoRA vs transformers/PEFT
 
 Prints one table: greedy decode (fp32, int8 and fp16, each side at its best thread count up to --threads) and what a
 decoding step spends besides its products, prefill throughput, decoding memory, full fine-tuning and LoRA step time
@@ -33,6 +34,7 @@ import threadpoolctl
 import torch
 import torch.nn.functional as F
 
+from bench_big import bench_big
 from classifier import build_classifier, zero_shot_classifier
 from config import LlamaConfig
 from data import Split, load_split, make_batches, pad_batch, read_label_names
@@ -453,6 +455,9 @@ def check_flags(args: argparse.Namespace) -> None:
     require_positive({"--threads": args.threads, "--repeats": args.repeats, "--sst-epoch": args.sst_epoch,
                       "--micro-batch-size": args.micro_batch_size})
     require_extra("transformers", "bench.py's comparisons")
+    if args.big:
+        require_positive({"--big-tokens": args.big_tokens})
+        require_file("--big's tokenizer", "tokenizer.model", "run ./setup.sh (the 1.1B folder takes Llama 2's)")
     if args.checkpoint and not os.path.isdir(args.checkpoint):  # a folder is a Hugging Face model
         require_file("--checkpoint", args.checkpoint, "pass a llama2.c .pt or .bin file or a Hugging Face folder")
     if not args.decode:
@@ -489,11 +494,19 @@ def main() -> None:
                         help="only the SST training epochs (full fine-tuning, LoRA), on the first N training sentences")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="the SST epoch's micro-batches (default: run_llama.py's, cut by padding on a CPU)")
+    parser.add_argument("--big", action="store_true", help="only real model sizes: bench_big.py's rows (see there)")
+    parser.add_argument("--big-dir", default=None, help="--big: keep the 1.1B folder here, and reuse it next time")
+    parser.add_argument("--big-tokens", type=int, default=32, help="--big: new tokens a generate row decodes")
+    parser.add_argument("--big-sentences", type=int, default=8,
+                        help="--big: SST sentences of the LoRA epoch (0: no LoRA rows; minutes each without bf16 units)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.child:
         check_flags(args)
     set_threads(args.threads)
+    if args.big:
+        bench_big(args.big_dir, args.big_tokens, args.big_sentences, args.threads)
+        return
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps((decode_child if spec["mode"] == "decode" else training_step_child)(spec, args)))

@@ -64,9 +64,27 @@ def test_a_step_s_model_flops_are_what_torch_counts_for_the_layers():
     (["--decode", "--checkpoint", "{tmp}/nope.pt"], ["--checkpoint", "nope.pt", "no such file"]),
     (["--tokenizer", "{tmp}/nope.model"], ["--tokenizer", "nope.model"]),
     (["--sst-epoch", "0"], ["--sst-epoch 0"]),
+    (["--big", "--big-tokens", "0"], ["--big-tokens 0"]),
 ])
 def test_bad_flags_end_in_one_line_before_any_measuring(tmp_path, monkeypatch, capsys, argv, words):
     """Every flag is checked first: --llama2c used to fail after several minutes of measuring, with a traceback."""
     line = one_line_error(bench.main, [arg.replace("{tmp}", str(tmp_path)) for arg in argv], monkeypatch, capsys)
     for word in words:
         assert word in line, line
+
+
+def test_the_big_rows_count_the_weights_a_decoding_step_reads():
+    """bench_big's bytes per token: every matrix of the 1.1B model but the embedding, as our model has them."""
+    import bench_big
+    from config import LlamaConfig
+    from llama import Llama
+
+    shape = bench_big.SHAPE
+    config = LlamaConfig(dim=shape["hidden_size"], n_layers=shape["num_hidden_layers"],
+                         n_heads=shape["num_attention_heads"], n_kv_heads=shape["num_key_value_heads"],
+                         vocab_size=shape["vocab_size"], hidden_dim=shape["intermediate_size"])
+    with torch.device("meta"):
+        model = Llama(config, tied_embeddings=False)
+    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name)
+    assert bench_big.matrix_weights() == matrices
+    assert 1.09e9 < model.num_parameters() < 1.11e9

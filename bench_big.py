@@ -1,0 +1,169 @@
+"""bench.py --big: real model sizes. A random model of TinyLlama's shape (1.1B parameters: hidden 2048, 22 layers,
+32 query / 4 key-value heads, feed-forward 5632, vocab 32000, untied), saved by transformers in bf16 into a
+temporary folder (2.2 GB, never kept unless --big-dir names one), then, one process at a time so that each peak
+resident memory is its own: generate with each precision of ours beside transformers' bf16 model, and a LoRA epoch
+beside PEFT's on a bf16 base. Each row gives tokens per second (or seconds) and peak memory, and the decoding rows the
+bytes of weights a token reads times tokens per second beside the machine's read bandwidth (one large sum).
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+             pad_token_id=0)
+
+# transformers' side, run as a child process: generate, then print the decode line and the peak as ours do.
+TRANSFORMERS_GENERATE = r"""
+import sys, time, torch, transformers
+from runtime import peak_rss
+torch.set_num_threads(int(sys.argv[3]))
+model = transformers.LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+ids = torch.tensor([[1, 9038, 2501, 263, 931]])  # <s> Once upon a time
+new = int(sys.argv[2])
+with torch.no_grad():
+    model.generate(ids, max_new_tokens=1, do_sample=False)
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    seconds = time.perf_counter() - start
+print(f"decode: {new} new tokens in {seconds:.2f} s, {new / seconds:.2f} tok/s")
+print(f"peak memory {peak_rss() / 1e9:.2f} GB")
+"""
+
+# PEFT's side: the LoRA recipe of run_llama.py --option lora (rank 4, alpha 1, wq and wv, AdamW, one epoch, dev).
+PEFT_LORA = r"""
+import sys, time, torch, transformers, peft
+from runtime import peak_rss
+torch.set_num_threads(int(sys.argv[3]))
+folder, batch_size = sys.argv[1], int(sys.argv[2])
+def read(path):
+    rows = [line.split(" ||| ", 1) for line in open(path, encoding="utf-8") if line.strip()]
+    return [int(label) for label, _ in rows], [text.strip() for _, text in rows]
+tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+tokenizer.pad_token_id = 0
+model = transformers.LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.bfloat16, num_labels=5,
+                                                                    pad_token_id=0)
+model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=1,
+                                                   target_modules=["q_proj", "v_proj"]))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+labels, texts = read(sys.argv[4])
+start = time.perf_counter()
+model.train()
+for i in range(0, len(texts), batch_size):
+    batch = tokenizer(texts[i:i + batch_size], padding=True, return_tensors="pt")
+    loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), torch.tensor(labels[i:i + batch_size]))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+model.eval()
+labels, texts = read(sys.argv[5])
+with torch.no_grad():
+    for i in range(0, len(texts), batch_size):
+        model(**tokenizer(texts[i:i + batch_size], padding=True, return_tensors="pt"))
+print(f"epoch 0: {time.perf_counter() - start:.0f} s, peak memory {peak_rss() / 1e9:.2f} GB")  # with dev, as ours
+"""
+
+
+def make_folder(folder: str) -> None:
+    """The random 1.1B model, saved by transformers in bf16, with Llama 2's tokenizer."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(transformers.LlamaConfig(**SHAPE), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    shutil.copyfile(os.path.join(ROOT, "tokenizer.model"), os.path.join(folder, "tokenizer.model"))
+
+
+def read_bandwidth() -> float:
+    """GB/s of one large sum over 1 GB, which reads it once: about what a decoding step can reach."""
+    data = torch.ones(1 << 28)
+    data.sum()
+    start = time.perf_counter()
+    for _ in range(3):
+        data.sum()
+    return 3 * data.numel() * 4 / (time.perf_counter() - start) / 1e9
+
+
+def run(command: list[str]) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": ROOT})
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])}... failed: {result.stderr.strip()[-500:]}")
+    return result.stdout + result.stderr
+
+
+def matrix_weights() -> int:
+    """The weights a decoding step reads: every layer's matrices and the output (of the embedding, one row)."""
+    dim, hidden = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    kv_dim = SHAPE["num_key_value_heads"] * dim // SHAPE["num_attention_heads"]
+    return SHAPE["num_hidden_layers"] * (dim * (2 * dim + 2 * kv_dim) + 3 * dim * hidden) + SHAPE["vocab_size"] * dim
+
+
+def generate_rows(folder: str, new: int, threads: int) -> list[str]:
+    """One row per way of generating: tok/s, peak memory, bytes read per token x tok/s."""
+    matrices = matrix_weights()
+    ours = [sys.executable, "run_llama.py", "--option", "generate", "--pretrained-model-path", folder, "--temperature",
+            "0", "--prompt", "Once upon a time", "--max_new_tokens", str(new + 1), "--generated_sentence_low_temp_out",
+            os.path.join(folder, "out.txt")]
+    ways = [("transformers, bf16", 2, [sys.executable, "-c", TRANSFORMERS_GENERATE, folder, str(new), str(threads)]),
+            ("ours, --dtype bf16 (fp16 products)", 2, ours + ["--dtype", "bf16"]),
+            ("ours, --dtype auto", None, ours),
+            ("ours, --dtype bf16 --quantize int8", 1, ours + ["--dtype", "bf16", "--quantize", "int8"]),
+            ("ours, --dtype bf16 --quantize fp16", 2, ours + ["--dtype", "bf16", "--quantize", "fp16"])]
+    rows = []
+    for name, bytes_per_weight, command in ways:
+        out = run(command)
+        speed = float(re.findall(r"([\d.]+) tok/s", out)[-1])
+        peak = float(re.findall(r"peak memory ([\d.]+) GB", out)[-1])
+        if bytes_per_weight is None:  # auto: the precision the run chose
+            bytes_per_weight = 2 if "bfloat16)" in out else 4
+        rows.append(f"| generate: {name} | {speed:.1f} tok/s | {peak:.2f} GB | "
+                    f"{matrices * bytes_per_weight * speed / 1e9:.1f} GB/s |")
+    return rows
+
+
+def lora_rows(folder: str, sentences: int, threads: int) -> list[str]:
+    """One LoRA epoch on the first SST training sentences, batch 8, then as many dev sentences: ours and PEFT's."""
+    data = {}
+    for split, n in (("train", sentences), ("dev", sentences)):
+        with open(os.path.join(ROOT, f"data/sst-{split}.txt"), encoding="utf-8") as f:
+            data[split] = os.path.join(folder, f"{split}.txt")
+            with open(data[split], "w", encoding="utf-8") as out:
+                out.writelines(f.readlines()[:n])
+    ours = [sys.executable, "run_llama.py", "--option", "lora", "--pretrained-model-path", folder, "--train",
+            data["train"], "--dev", data["dev"], "--test", data["dev"], "--label-names", "data/sst-label-mapping.json",
+            "--epochs", "1", "--batch_size", "8", "--lr", "1e-4", "--hidden_dropout_prob", "0", "--dtype", "bf16",
+            "--filepath", os.path.join(folder, "lora.pt"), "--overwrite"]
+    rows = []
+    for name, command in (("PEFT, bf16 base", [sys.executable, "-c", PEFT_LORA, folder, "8", str(threads),
+                                               data["train"], data["dev"]]),
+                          ("ours, --dtype bf16", ours)):
+        out = run(command)
+        epoch = re.findall(r"epoch 0: .*?(\d+) s,", out)[-1]
+        peak = float(re.findall(r"peak memory ([\d.]+) GB", out)[-1])
+        rows.append(f"| LoRA, {sentences} sentences + as many dev: {name} | epoch {epoch} s | {peak:.2f} GB | |")
+    return rows
+
+
+def bench_big(folder: str, new: int, sentences: int, threads: int) -> None:
+    made = folder is None
+    folder = folder or tempfile.mkdtemp(prefix="minllama2-big-")
+    try:
+        if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+            print(f"building the 1.1B random bf16 folder in {folder} ...", flush=True)
+            make_folder(folder)
+        print(f"read bandwidth (one 1 GB sum): {read_bandwidth():.1f} GB/s; {threads} threads; "
+              f"CPU bf16 products native: {torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()}")
+        print("\n| run | speed | peak memory | weights read per second |\n| --- | ---: | ---: | ---: |", flush=True)
+        for row in generate_rows(folder, new, threads) + (lora_rows(folder, sentences, threads) if sentences else []):
+            print(row, flush=True)
+    finally:
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
