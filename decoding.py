@@ -221,8 +221,12 @@ class DecoderLayer(nn.Module):
         self.attention_norm, self.ffn_norm = layer.attention_norm.weight, layer.ffn_norm.weight
         self.eps = eps
         # the queries come out already divided by sqrt(head_dim), as attention wants them: one operation less
-        query_weight = attention.wq.weight * self.head_dim ** -0.5
-        self.wqkv = decoding_linear(torch.cat([query_weight, attention.wk.weight, attention.wv.weight]), quantize)
+        query_weight = attention.wq.weight.float() * self.head_dim ** -0.5
+        # quantized from the exact fp32 product, so the same from a bf16 copy as from an fp32 one; else rounded once
+        # to the precision the weights are held in
+        held = torch.float32 if quantize else attention.wq.weight.dtype
+        self.wqkv = decoding_linear(torch.cat([query_weight.to(held), attention.wk.weight.to(held),
+                                               attention.wv.weight.to(held)]), quantize)
         self.wo = decoding_linear(attention.wo.weight, quantize)
         self.w13 = decoding_linear(torch.cat([feed_forward.w1.weight, feed_forward.w3.weight]), quantize)
         self.w2 = decoding_linear(feed_forward.w2.weight, quantize)

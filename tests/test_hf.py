@@ -11,6 +11,7 @@ import torch
 import run_llama
 from conftest import ROOT, TOK512, asset
 from hf import default_tokenizer, read_hf, stored_dtype
+from decoding import prepare_for_decoding
 from llama import load_pretrained
 from tokenizer import Tokenizer
 from test_cli import read_lines, run, sst_subset  # noqa: F401 (a fixture)
@@ -260,3 +261,16 @@ def test_a_bf16_base_trains_fp32_adapters_and_classifies_in_any_precision(bf16_f
     captured = capsys.readouterr()
     assert "is stored in bf16, which is slow on this CPU; running in fp32" in captured.err
     assert "parameters, float32)" in captured.out
+
+
+def test_quantized_generation_reads_a_bf16_folder_as_stored_whatever_the_run_s_precision(bf16_folder, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """int8 weights made from the stored bf16 ones equal those made from an fp32 copy, which would only cost memory."""
+    import runtime
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)  # --dtype auto: fp32
+    run(["--option", "generate", "--pretrained-model-path", str(bf16_folder[1]), "--max_new_tokens", "6",
+         "--temperature", "0", "--quantize", "int8"], tmp_path)
+    assert "parameters, bfloat16)" in capsys.readouterr().out
+    fp32 = prepare_for_decoding(load_pretrained(str(bf16_folder[1])).eval(), "int8")
+    bf16 = prepare_for_decoding(load_pretrained(str(bf16_folder[1]), torch.bfloat16).eval(), "int8")
+    assert all(torch.equal(a, b) for a, b in zip(fp32.buffers(), bf16.buffers()))
