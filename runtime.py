@@ -143,8 +143,12 @@ def resolve_dtype(dtype: str, stored: Optional[str], source: str, device: torch.
         return dtype
     if stored not in ("bf16", "fp16"):
         return "fp32"
-    native = {"cuda": stored == "fp16" or torch.cuda.is_bf16_supported(), "mps": stored == "fp16",
-              "cpu": stored == "bf16" and cpu_has_bf16_matmul()}.get(device.type, False)
+    if device.type == "cuda":
+        native = stored == "fp16" or torch.cuda.is_bf16_supported()
+    elif device.type == "mps":
+        native = stored == "fp16"
+    else:
+        native = stored == "bf16" and cpu_has_bf16_matmul()
     if native:
         return stored
     why = "needs a GPU" if stored == "fp16" and device.type == "cpu" else f"is slow on this {device.type.upper()}"
