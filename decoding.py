@@ -105,6 +105,11 @@ def row_blocks(weight: torch.Tensor, elements: int = BLOCK) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
 
 
+def fbgemm_fp16(device: torch.device) -> bool:
+    """Whether fbgemm's fp16-weight product runs there: on the CPU, where PyTorch was built with it."""
+    return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (out, in) -> int8 q (out, in) and scale (out,) in bf16 with weight ~ scale[:, None] * q.
 
@@ -157,7 +162,7 @@ class Fp16Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
         self.packed = []  # one packed copy per block of rows: converting never holds more than a block in fp32
-        if products and weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
+        if products and fbgemm_fp16(weight.device):
             self.packed = [torch.ops.quantized.linear_prepack_fp16(weight[block].half().float(), None)
                            for block in row_blocks(weight)]
         self.packed_bytes = 2 * weight.numel() if self.packed else 0
@@ -195,8 +200,7 @@ def half_of_bf16(weight: torch.Tensor) -> bool:
     holds every bf16 value of fp16's normal range exactly; below it (|w| < 2^-14) each loses at most 2^-25, far
     under the bf16 rounding of the weights around it. A matrix with a value beyond fp16's range stays bf16."""
     largest = torch.finfo(torch.float16).max
-    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and "fbgemm" in torch.backends.quantized.supported_engines
+    return (weight.dtype == torch.bfloat16 and fbgemm_fp16(weight.device)
             and -largest <= weight.min().item() and weight.max().item() <= largest)
 
 

@@ -342,7 +342,7 @@ def export_settings(args: argparse.Namespace) -> Settings:
 def generate(settings: Settings, runtime: Runtime) -> None:
     generation = settings.generation
     # quantized weights are made from the stored ones as they are read: an fp32 copy of a bf16 file would add nothing
-    held = DTYPES.get(settings.stored_dtype[0]) or torch.float32 if generation.quantize else runtime.weights_dtype
+    held = (DTYPES.get(settings.stored_dtype[0]) or torch.float32) if generation.quantize else runtime.weights_dtype
     llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device, held)
     llama = prepare_for_decoding(llama.eval(), generation.quantize)
     if generation.quantize:
