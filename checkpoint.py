@@ -7,8 +7,10 @@ Both files hold tensors and plain values only and load with weights_only=True: n
 """
 import dataclasses
 import hashlib
+import json
 import os
 import random
+import shlex
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -20,12 +22,10 @@ from classifier import LlamaEmbeddingClassifier, build_classifier
 from llama import Llama, load_pretrained, stored_weights
 from lora import ALL_TARGETS, merge_lora
 from runtime import DTYPES, Runtime
-from settings import DEFAULT_MODEL, LoRASettings, Settings
+from settings import CHECKPOINT_FORMAT, DEFAULT_MODEL, STATE_FORMAT, LoRASettings, Settings
 from tokenizer import Tokenizer
-from utils import UsageError, file_sha256, load_tensors, require_file, save_atomic
+from utils import UsageError, file_sha256, load_tensors, require_file, save_atomic, state_file_message, write_text_atomic
 
-CHECKPOINT_FORMAT = "minllama2-classifier"
-STATE_FORMAT = "minllama2-training-state"
 
 
 # What each file must hold before any of it is used: a field (dotted: within a field) and what its value must be.
@@ -107,8 +107,12 @@ def differences(saved: dict[str, Any], current: dict[str, Any], may_differ: tupl
 
 def read_saved(path: str, flag: str, expected_format: str) -> dict:
     """A checkpoint or training state written by run_llama.py, checked for its format."""
+    require_file(flag, path, "pass the checkpoint that --option finetune or lora wrote (its --filepath)"
+                 if expected_format == CHECKPOINT_FORMAT else "pass the state that training wrote beside --filepath")
     saved = load_tensors(path, flag)
     found = saved.get("format") if isinstance(saved, dict) else None
+    if found == STATE_FORMAT != expected_format:
+        raise UsageError(state_file_message(flag, path))
     if found == expected_format:
         damaged = _damaged_fields(saved, _FIELDS[expected_format])
         if damaged:
@@ -221,15 +225,23 @@ def describe_run(settings: Settings, llama: Llama, base_fingerprint: str, label_
     record = {**files, "--option": training.option, "--label-names": label_names, "--epochs": training.epochs,
               "--lr": training.lr, "--batch_size": data.batch_size, "--seed": settings.seed, "--dtype": runtime.dtype,
               "--hidden_dropout_prob": training.hidden_dropout_prob, "--max_sentence_len": data.max_sentence_len,
-              "processes": runtime.world_size}
+              "--text_field": data.fields.text, "--label_field": data.fields.label, "processes": runtime.world_size}
     record.update({f"--lora_{key}": value for key, value in (lora or {}).items()})
     checkpoint = training.files.checkpoint
-    return {"format": CHECKPOINT_FORMAT, "option": training.option, "label_names": label_names,
+    return {"format": CHECKPOINT_FORMAT, "command": shlex.join(["python", "run_llama.py", *settings.command]),
+            "option": training.option, "label_names": label_names,
             "max_sentence_len": data.max_sentence_len, "hidden_dropout_prob": training.hidden_dropout_prob,
             "lora": lora, "base_model": {**stored_file(model.model, base_fingerprint, checkpoint),
                                          "model_args": dataclasses.asdict(llama.config)},
             "tokenizer": stored_file(model.tokenizer, files["--tokenizer"]["fingerprint"], checkpoint),
             "training": record}
+
+
+def write_run_record(settings: Settings, status: str, **details: Any) -> None:
+    """<--output_dir>/run.json: the command that made the folder's files, and how far it got."""
+    record = {"command": shlex.join(["python", "run_llama.py", *settings.command]), "cwd": os.getcwd(),
+              "status": status, **details, "outputs": {flag: path for flag, path in settings.outputs}}
+    write_text_atomic(settings.run_record, json.dumps(record, indent=2) + "\n")
 
 
 def check_run_files(settings: Settings, record: dict) -> Optional[dict]:

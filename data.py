@@ -1,100 +1,15 @@
-"""Labeled data: read and check `<label> ||| <sentence>` files and label names, tokenize them to fit the model,
-and group them into batches, micro-batches of similar lengths, and each process's share of a batch under torchrun."""
-import codecs
+"""Labeled data as the model reads it: a data file's examples (datafiles.py reads them) tokenized to fit the model,
+grouped into batches, micro-batches of similar lengths, and each process's share of a batch under torchrun."""
 import dataclasses
-import json
 import sys
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
+from datafiles import Example, file_format, read_labeled_data
+from settings import Fields
 from tokenizer import Tokenizer
-from utils import UsageError, require_file
-
-
-class Example(NamedTuple):
-    line: int  # its line in the file, from 1
-    label: Optional[int]  # None for a bare sentence
-    sentence: str
-
-
-def read_lines(path: str, flag: str) -> list[str]:
-    """The lines of a UTF-8 text file (or of standard input for "-"), without a byte-order mark. Lines end at
-    \n or \r\n only: a lone \r inside a line is part of it, as a text editor that shows one line sees it."""
-    if path == "-":
-        if sys.stdin is None:
-            raise UsageError(f"{flag} -: standard input is closed; pipe the sentences in, or pass a file")
-        raw = sys.stdin.buffer.read()
-    else:
-        require_file(flag, path, "run ./setup.sh to fetch the data, or fix the path")
-        with open(path, "rb") as f:
-            raw = f.read()
-    raw = raw.removeprefix(codecs.BOM_UTF8)  # Notepad writes one
-    chunks = raw.split(b"\n")
-    if chunks[-1] == b"":
-        chunks.pop()  # the newline at the end of the file ends the last line; it starts no new one
-    lines = []
-    for line_no, line in enumerate(chunks, start=1):
-        try:
-            lines.append(line.removesuffix(b"\r").decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{flag} {path}, line {line_no}: not UTF-8 ({e.reason} at byte {e.start}); "
-                             f"re-save the file as UTF-8") from e
-    return lines
-
-
-def read_labeled_data(path: str, flag: str, labels_optional: bool = False) -> tuple[list[Example], int]:
-    """The examples of `<label> ||| <sentence>` lines, and how many lines the file has; blank lines hold none.
-    With labels_optional, bare sentences are read too, with label None (all lines alike: labeled or not)."""
-    examples = []
-    form = "a sentence or '<label> ||| <sentence>'" if labels_optional else "'<label> ||| <sentence>'"
-    lines = read_lines(path, flag)
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        label_text, sep, sentence = line.partition(" ||| ")
-        try:
-            label = int(label_text) if sep else None
-        except ValueError:
-            label = None
-        if label is None:
-            if not labels_optional:
-                problem = (f"label {label_text.strip()!r} is not an integer" if sep else
-                           f"no ' ||| ' separator; each line must be {form}")
-                raise UsageError(f"{flag} {path}, line {line_no}: {problem}")
-            sentence = line
-        if examples and (label is None) != (examples[0].label is None):
-            raise UsageError(f"{flag} {path}, line {line_no}: some lines have a '<label> ||| ' and some do not; "
-                             f"label every line or none")
-        examples.append(Example(line_no, label, sentence.strip()))
-    if not examples:
-        raise UsageError(f"{flag} {path}: the file has no examples; each line must be {form}")
-    return examples, len(lines)
-
-
-def read_label_names(path: str) -> list[str]:
-    """The label-mapping JSON: a list of distinct names, the i-th naming label i."""
-    require_file("--label-names", path, "run ./setup.sh, or fix the path")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            names = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"--label-names {path}: not valid JSON ({e}); it must be a list like [\"bad\", \"good\"]") from e
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise UsageError(f"--label-names {path}: must be a JSON list of non-empty strings, like [\"bad\", \"good\"]")
-    stripped = [n.strip() for n in names]
-    duplicates = sorted({n for n in stripped if stripped.count(n) > 1})
-    if duplicates:
-        raise UsageError(f"--label-names {path}: {duplicates[0]!r} is listed twice; each label needs its own name")
-    return names
-
-
-def check_labels(examples: list[Example], n_labels: int, flag: str, path: str) -> None:
-    for example in examples:
-        if not 0 <= example.label < n_labels:
-            raise UsageError(f"{flag} {path}, line {example.line}: label {example.label} is outside "
-                             f"0..{n_labels - 1}, the labels that --label-names names; pass the label mapping of "
-                             f"this dataset")
+from utils import UsageError
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,8 +21,10 @@ class Split:
     labels: list[Optional[int]]
     sentences: list[str]
     token_ids: list[list[int]]  # what the model reads, already cut to its window
-    lines: Optional[list[int]] = None  # each example's line in its file (prediction files follow them)
-    n_lines: Optional[int] = None  # the file's lines, blank ones included
+    lines: Optional[list[int]] = None  # each example's line in an assignment-format file (predictions follow them)
+    n_lines: Optional[int] = None  # that file's lines, blank ones included
+    named: bool = False  # its labels were given as names: so are its predictions
+    fields: Fields = Fields()  # the text and label fields of its file, and of its predictions
 
 
 def tokenize(examples: list[Example], tokenizer: Tokenizer, max_seq_len: int,
@@ -129,23 +46,21 @@ def tokenize(examples: list[Example], tokenizer: Tokenizer, max_seq_len: int,
     return token_ids, n_cut
 
 
-def load_split(name: str, path: str, n_labels: int, tokenizer: Tokenizer, max_seq_len: int,
+def load_split(name: str, path: str, label_names: list[str], tokenizer: Tokenizer, max_seq_len: int,
                max_sentence_len: Optional[int] = None, prompt_suffix: Optional[list[int]] = None,
-               label_room: int = 0, labels_optional: bool = False) -> Split:
+               label_room: int = 0, labels_optional: bool = False, fields: Fields = Fields()) -> Split:
     """Read, check and tokenize one data file (see tokenize); `name` is also its flag (--name)."""
-    flag = f"--{name}"
-    examples, n_lines = read_labeled_data(path, flag, labels_optional)
-    if examples[0].label is not None:
-        check_labels(examples, n_labels, flag, path)
+    examples, n_lines, named = read_labeled_data(path, f"--{name}", label_names, labels_optional, fields)
     token_ids, n_cut = tokenize(examples, tokenizer, max_seq_len, max_sentence_len, prompt_suffix, label_room)
     notes = [f"{n_cut} cut to fit {max_seq_len} tokens"] if n_cut else []
-    if n_lines > len(examples):
+    line_aligned = file_format(path) == "txt"
+    if n_lines > len(examples) and line_aligned:
         blank = n_lines - len(examples)
         notes.append(f"{blank} blank line{'s' * (blank > 1)} skipped" + (", left blank in the output" if labels_optional
                                                                           else ""))
     print(f"load {len(examples)} data from {path}" + (f" ({'; '.join(notes)})" if notes else ""))
     return Split(name, [e.label for e in examples], [e.sentence for e in examples], token_ids,
-                 [e.line for e in examples], n_lines)
+                 [e.line for e in examples] if line_aligned else None, n_lines if line_aligned else None, named, fields)
 
 
 def warn_if_labels_unused(splits: list[Split], label_names: list[str], path: str) -> None:

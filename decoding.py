@@ -37,7 +37,7 @@ The token embeddings read their rows from the output matrix's new form when the 
 """
 import contextlib
 import time
-from typing import ContextManager, Iterator, Optional
+from typing import Collection, ContextManager, Iterator, Optional
 
 import numpy as np
 import torch
@@ -333,17 +333,22 @@ def prepare_for_decoding(model: Llama, quantize: Optional[str] = None) -> Decode
 
 
 def timed_generation(llama: Generation, idx: torch.Tensor, max_new_tokens: int, temperature: float,
-                     top_k: Optional[int] = None, top_p: Optional[float] = None) -> tuple[torch.Tensor, int, float]:
-    """The prompt and its continuation, and the decoding steps' count and seconds: the clock starts once the
-    first new token (the prefill's) exists."""
-    tokens, start = [idx], None
+                     top_k: Optional[int] = None, top_p: Optional[float] = None,
+                     stop_ids: Collection[int] = ()) -> tuple[torch.Tensor, int, float, bool]:
+    """The prompt and its continuation (one sequence), the decoding steps' count and seconds (the clock starts
+    once the first new token, the prefill's, exists), and whether the model ended it with one of stop_ids, which
+    the continuation leaves out."""
+    tokens, start, ended = [idx], None, False
     for token in llama.new_tokens(idx, max_new_tokens, temperature, top_k=top_k, top_p=top_p):
-        tokens.append(token)
         if start is None:
             token.cpu()  # waits for the device: the prefill is over
             start = time.perf_counter()
+        if stop_ids and token.item() in stop_ids:
+            ended = True
+            break
+        tokens.append(token)
     out = torch.cat(tokens, dim=1).cpu()
-    return out, max(0, len(tokens) - 2), time.perf_counter() - start if start else 0.0
+    return out, max(0, len(tokens) - 2 + ended), time.perf_counter() - start if start else 0.0, ended
 
 
 def weight_megabytes(model: nn.Module) -> float:

@@ -5,8 +5,8 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from data import Split, make_batches, pad_batch
+from datafiles import write_examples
 from runtime import Runtime
-from utils import write_text_atomic
 
 
 @torch.inference_mode()
@@ -47,18 +47,11 @@ def print_metrics(split: Split, predictions: list[int], label_names: list[str], 
             print(f"{name:<{width}}" + "".join(f"{count:>{width}}" for count in row))
 
 
-def line_by_line(split: Split, rows: list[str]) -> str:
-    """rows (one per example) as the lines of a file that follows the split's file line by line: a blank line
-    where it has one."""
-    lines = [""] * (split.n_lines if split.n_lines is not None else len(rows))
-    for line, row in zip(split.lines or range(1, len(rows) + 1), rows):
-        lines[line - 1] = row
-    return "".join(line + "\n" for line in lines)
-
-
-def write_predictions(path: str, predictions: list[int], split: Split) -> None:
-    """The assignment's format: a `<label> ||| <sentence>` line per input line, in input order."""
-    write_text_atomic(path, line_by_line(split, [f"{p} ||| {s}" for p, s in zip(predictions, split.sentences)]))
+def write_predictions(path: str, predictions: list[int], split: Split, label_names: list[str]) -> None:
+    """One labeled line or record per example, in input order, in the format that path's extension names (the
+    assignment's `<label> ||| <sentence>` otherwise); labels as names where the data gave names."""
+    labels = [label_names[p] for p in predictions] if split.named else predictions
+    write_examples(path, labels, split.sentences, split.fields, split.lines, split.n_lines)
     print(f"wrote {len(predictions)} predictions to {path}")
 
 
@@ -68,4 +61,4 @@ def report(model: torch.nn.Module, split: Split, label_names: list[str], batch_s
     predictions = predict(model, split, batch_size, pad_id, runtime).argmax(dim=-1).tolist()
     print_metrics(split, predictions, label_names, confusion=split.name == "dev")
     if outfile and runtime.is_main:
-        write_predictions(outfile, predictions, split)
+        write_predictions(outfile, predictions, split, label_names)

@@ -25,7 +25,7 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 
 def check_export_folder(out_dir: str, overwrite: bool) -> None:
     """Before any work: out_dir may be written (absent, empty, an earlier export, or overwrite) in a folder that
-    exists and takes new files (a probe, since os.access says yes to root everywhere)."""
+    takes new files, or under the nearest one that exists (a probe, since os.access says yes to root everywhere)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--output {out_dir}: a file, not a folder; choose another --output")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite \
@@ -33,8 +33,11 @@ def check_export_folder(out_dir: str, overwrite: bool) -> None:
         raise UsageError(f"--output {out_dir}: a folder with files that no export wrote; pass --overwrite to "
                          f"replace it, or choose another --output")
     parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):  # missing folders are made when the run starts (utils.held_outputs)
+        parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UsageError(f"--output {out_dir}: folder {parent} does not exist; create it or choose another --output")
+        raise UsageError(f"--output {out_dir}: {parent} is a file, so no folder can be made there; choose another "
+                         f"--output")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".probe.", dir=parent))
     except OSError as e:

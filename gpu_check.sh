@@ -6,12 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 out=${1:-gpu-check}
-mkdir -p "$out"
 py=.venv/bin/python
+[ -x "$py" ] || { echo "gpu_check.sh: no .venv here; run ./setup.sh first" >&2; exit 2; }
+device=$($py -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>/dev/null) || device=
+[ -n "$device" ] || { echo "gpu_check.sh: no CUDA device on this machine (torch.cuda.is_available() is False); run it where there is one" >&2; exit 2; }
+echo "$device"
+mkdir -p "$out"
 model=(--pretrained-model-path stories260K.pt --tokenizer tok512.model --use_gpu)
 sst=(--train data/sst-train.txt --dev data/sst-dev.txt --test data/sst-test.txt --label-names data/sst-label-mapping.json)
 export TQDM_DISABLE=1
-$py -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 for dtype in fp32 bf16; do
   echo "=== $dtype"
   $py run_llama.py --option generate "${model[@]}" --dtype $dtype \

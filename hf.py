@@ -82,11 +82,14 @@ def is_hf_folder(path: str) -> bool:
 
 def default_tokenizer(folder: str) -> str:
     """The tokenizer that comes with a folder."""
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        raise UsageError(f"--pretrained-model-path {folder}: a folder without {CONFIG_FILE}, so no Hugging Face model "
+                         f"folder; pass one, or a llama2.c .pt/.bin file")
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
-    raise UsageError(f"--pretrained-model-path {folder}: the folder has no {' or '.join(TOKENIZER_FILES)}; pass "
-                     f"the model's tokenizer with --tokenizer")
+    raise UsageError(f"--pretrained-model-path {folder}: the model folder has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
+                     f"put the model's tokenizer there, or pass it with --tokenizer")
 
 
 def read_config(folder: str) -> tuple[LlamaConfig, bool]:

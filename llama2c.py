@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from config import LlamaConfig
-from utils import UsageError, load_tensors, require_file
+from settings import STATE_FORMAT
+from utils import UsageError, load_tensors, require_file, state_file_message
 
 # The assignment's names for the attention projections.
 _ASSIGNMENT_NAMES = {"compute_query": "wq", "compute_key": "wk", "compute_value": "wv", "compute_output": "wo"}
@@ -47,6 +48,8 @@ def _config(model_args: dict[str, Any], path: str, otherwise: str) -> LlamaConfi
 
 def _read_train_checkpoint(path: str) -> tuple[LlamaConfig, dict, bool]:
     ckpt = load_tensors(path, "checkpoint", "fetch it again (./setup.sh)")
+    if isinstance(ckpt, dict) and ckpt.get("format") == STATE_FORMAT:
+        raise UsageError(state_file_message("--pretrained-model-path", path))
     if isinstance(ckpt, dict) and "trainable" in ckpt:
         raise UsageError(f"checkpoint {path}: written by run_llama.py --option {ckpt.get('option', 'finetune/lora')} "
                          f"(a trained classifier, not a base model); use it with --option classify --filepath {path}")

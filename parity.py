@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from classifier import build_classifier
-from data import Example, Split, make_batches, micro_batches, read_labeled_data, tokenize
+from data import Split, make_batches, micro_batches, tokenize
+from datafiles import Example, read_labeled_data
 from evaluate import predict
 from llama import Llama, load_pretrained
 from optimizer import AdamW
@@ -75,7 +76,7 @@ WHOLE_BATCHES = ("ours-random", "ours-buckets", "ours-buckets50", "ours-noisy", 
 
 
 def load(path: str, task: Task, n: int, tokenizer: Tokenizer, max_seq_len: int) -> Split:
-    examples, _ = read_labeled_data(path, path)
+    examples = read_labeled_data(path, path).examples
     if task.binary:
         examples = [Example(e.line, int(e.label > 2), e.sentence) for e in examples if e.label != 2]
     if n:  # the files are grouped by label: their first lines would be one class

@@ -5,6 +5,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 DEFAULT_MODEL = "stories42M.pt"
+CHECKPOINT_FORMAT = "minllama2-classifier"  # what a checkpoint and a training state say they are
+STATE_FORMAT = "minllama2-training-state"
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Where a .jsonl object or a .csv/.tsv header keeps the sentence and its label."""
+    text: str = "text"
+    label: str = "label"
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,7 @@ class GenerationSettings:
     top_k: Optional[int]
     top_p: Optional[float]
     quantize: Optional[str]  # None, "int8" or "fp16"
+    stop_at_eos: bool  # end where the model ends the story
     runs: tuple[GenerationRun, ...]  # the assignment's pair (T = 0 and 1), or one --temperature
 
 
@@ -41,6 +51,7 @@ class DataSettings:
     eval_train: bool
     batch_size: int
     max_sentence_len: Optional[int]
+    fields: Fields = Fields()
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,7 @@ class ClassifySettings:
     tokenizer: Optional[str]
     batch_size: int  # these two, and Settings.dtype, default to the training run's
     max_sentence_len: Optional[int]
+    fields: Fields = Fields()
 
 
 @dataclass(frozen=True)
@@ -131,3 +143,5 @@ class Settings:
     classify: Optional[ClassifySettings] = None
     export: Optional[ExportSettings] = None
     stored_dtype: tuple[Optional[str], str] = (None, "")  # (precision, "<model> is stored in"): --dtype auto's
+    command: tuple[str, ...] = ()  # the flags as given
+    run_record: Optional[str] = None  # <--output_dir>/run.json

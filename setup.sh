@@ -60,7 +60,10 @@ fetch() {
     fi
   done
   rm -f "$dest.part"
-  fail "could not get $dest: not in the mirror (${mirror:-none given}) and no download succeeded; pass --mirror DIR"
+  local fix="pass --mirror DIR"
+  [ -n "$mirror" ] && fix="put it in $mirror/$rel"
+  [ "$dest" = stories42M.pt ] && fix="add --no-stories42M to go on without the default model (stories260K stays)"
+  fail "could not get $dest: not in the mirror (${mirror:-none given}) and no download succeeded; $fix"
 }
 
 for split in train dev test; do

@@ -70,7 +70,9 @@ def require_extra(module: str, needed_for: str) -> None:
 def require_file(flag: str, path: str, fix: str) -> None:
     """A readable file at path, or a UsageError naming flag, path and fix (e.g. "run ./setup.sh")."""
     if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a folder, not a file; {fix}")
+        files = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name)))[:3]
+        inside = f" (it holds {', '.join(files)}{', ...' if len(files) == 3 else ''})" if files else " (an empty one)"
+        raise UsageError(f"{flag} {path}: is a folder{inside}; pass a file")
     if not os.path.isfile(path):
         where = "" if os.path.isabs(path) else f" (looked in {os.getcwd()})"
         raise UsageError(f"{flag} {path}: no such file{where}; {fix}")
@@ -78,10 +80,18 @@ def require_file(flag: str, path: str, fix: str) -> None:
         raise UsageError(f"{flag} {path}: not readable (permissions); fix its permissions or pass another file")
 
 
+def state_file_message(flag: str, path: str) -> str:
+    """What to say of a training state given where a model or checkpoint belongs."""
+    checkpoint = path.removesuffix(".state")
+    beside = f"; its checkpoint, to use elsewhere, is {checkpoint}" if os.path.isfile(checkpoint) else ""
+    return (f"{flag} {path}: the state of a training run, which only --resume reads (same command, same "
+            f"--filepath){beside}")
+
+
 def check_outputs(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]]) -> None:
-    """Before any work: every output (flag, path) can be written, is not a folder, is no input of the run
-    and is not another output of it; otherwise a UsageError naming the flags. A link is judged by its target,
-    which is what gets written."""
+    """Before any work: every output (flag, path) can be written (its folder, or the nearest one that exists, to
+    be made by held_outputs), is not a folder, is no input of the run and is not another output of it; otherwise a
+    UsageError naming the flags. A link is judged by its target, which is what gets written."""
     seen: dict[str, str] = {}  # resolved path -> the flag that names it
     for flag, path in inputs:
         if path and path != "-":
@@ -92,10 +102,13 @@ def check_outputs(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]])
         folder = os.path.dirname(real)
         if os.path.isdir(real):
             raise UsageError(f"{flag} {path}: is a folder; name a file, e.g. {os.path.join(path, 'out.txt')}")
-        if not os.path.isdir(folder):
-            raise UsageError(f"{flag} {path}: folder {folder} does not exist; create it or pick another path")
-        if not os.access(folder, os.W_OK):
-            raise UsageError(f"{flag} {path}: folder {folder} is not writable; pick another path")
+        existing = folder
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UsageError(f"{flag} {path}: {existing} is a file, so no folder can be made there; pick another path")
+        if not os.access(existing, os.W_OK):
+            raise UsageError(f"{flag} {path}: folder {existing} is not writable; pick another path")
         # os.access says yes to root for any file: the mode bits say what its owner meant
         if os.path.exists(real) and not (os.access(real, os.W_OK) and os.stat(real).st_mode & stat.S_IWUSR):
             raise UsageError(f"{flag} {path}: the file is read-only; make it writable (chmod u+w) or pick another "
@@ -111,13 +124,34 @@ def check_outputs(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]])
 def held_outputs(outputs: list[tuple[str, str]]) -> Iterator[None]:
     """Within the block, this process holds its outputs (flag, path): another process that asks for any of them
     stops with a UsageError naming the file and the process that holds it. The locks are advisory (flock on a
-    hidden .lock file beside each output), so the OS releases them when a process dies, even by SIGKILL."""
+    hidden .lock file beside each output), so the OS releases them when a process dies, even by SIGKILL. Missing
+    folders are made, and those left empty at the end (a run that stopped early) are removed again."""
     with ExitStack() as stack:
+        for flag, path in outputs:
+            stack.callback(_make_folders(os.path.dirname(os.path.realpath(path))))
         for flag, path in outputs:  # none waits for a lock, so no order can deadlock
             real = os.path.realpath(path)
             lock = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.lock")
             stack.enter_context(_locked(lock, f"{flag} {path}"))
         yield
+
+
+def _make_folders(folder: str) -> Callable[[], None]:
+    """Make folder and its missing parents; returns what removes those of them that are still empty."""
+    made = []
+    while not os.path.isdir(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    for new in reversed(made):
+        os.makedirs(new, exist_ok=True)
+
+    def remove_if_empty() -> None:
+        for new in made:  # the innermost first
+            try:
+                os.rmdir(new)
+            except OSError:  # it holds files: the run's outputs
+                return
+    return remove_if_empty
 
 
 @contextmanager

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from classifier import (LlamaEmbeddingClassifier, LlamaZeroShotClassifier, build_classifier, prompt_suffix_text,
                         zero_shot_classifier)
 from conftest import STORIES260K, TOK512, asset
-from data import Split, read_labeled_data
+from data import Split
+from datafiles import read_labeled_data
 from evaluate import predict
 from llama import load_pretrained
 from runtime import Runtime
@@ -18,7 +19,7 @@ LABELS = ["awful", "bad", "average", "good", "excellent"]
 
 
 def sst_split(tokenizer, suffix, n=60) -> Split:
-    examples = read_labeled_data(asset("data/sst-dev.txt"), "--dev")[0][:n]
+    examples = read_labeled_data(asset("data/sst-dev.txt"), "--dev").examples[:n]
     ids = [[tokenizer.bos_id] + tokenizer.encode(e.sentence, bos=False, eos=False) + suffix for e in examples]
     return Split("dev", [e.label for e in examples], [e.sentence for e in examples], ids)
 

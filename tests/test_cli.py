@@ -1,4 +1,5 @@
 """End to end on stories260K, as a user runs run_llama.py (in-process through main(), plus one real process)."""
+import csv
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+import flags
 import run_llama
 from conftest import ROOT, STORIES260K, TOK512, asset
 
@@ -57,9 +59,9 @@ def test_generate_writes_both_files_as_a_real_process(tmp_path):
     assert result.returncode == 0, result.stderr
     greedy = (tmp_path / "generated-sentence-temp-0.txt").read_text()
     sampled = (tmp_path / "generated-sentence-temp-1.txt").read_text()
-    assert greedy.startswith(run_llama.ASSIGNMENT_PREFIX) and sampled.startswith(run_llama.ASSIGNMENT_PREFIX)
-    continuation = greedy[len(run_llama.ASSIGNMENT_PREFIX):]
-    assert len(continuation.split()) > 25 and continuation != sampled[len(run_llama.ASSIGNMENT_PREFIX):]
+    assert greedy.startswith(flags.ASSIGNMENT_PREFIX) and sampled.startswith(flags.ASSIGNMENT_PREFIX)
+    continuation = greedy[len(flags.ASSIGNMENT_PREFIX):]
+    assert len(continuation.split()) > 25 and continuation != sampled[len(flags.ASSIGNMENT_PREFIX):]
     assert greedy in result.stdout
     umask = os.umask(0)
     os.umask(umask)
@@ -81,7 +83,7 @@ def test_quantized_generation_writes_its_story_and_every_run_reports_its_decodin
         run(common + ["--quantize", quantize, "--generated_sentence_low_temp_out", f"{quantize}.txt"], tmp_path)
     out = capsys.readouterr().out
     speeds = [line for line in out.splitlines() if line.startswith("decode: ")]
-    assert len(speeds) == 3 and all(re.fullmatch(r"decode: 39 new tokens in [\d.]+ s, [\d.]+ tok/s", s) for s in speeds)
+    assert len(speeds) == 3 and all(re.fullmatch(r"decode: 40 new tokens; after the prompt's forward pass, which makes the first, 39 decoding steps in [\d.]+ s, [\d.]+ tok/s", s) for s in speeds)
     assert "quantized the weights to int8" in out and "quantized the weights to fp16" in out
     for quantize in ("int8", "fp16"):
         assert (tmp_path / f"{quantize}.txt").read_text()[:60] == (tmp_path / "generated-sentence-temp-0.txt").read_text()[:60]
@@ -150,7 +152,7 @@ def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(tmp_path, sst_s
     run(common + ["--epochs", "3"], tmp_path / "whole")
     run(common + ["--epochs", "1"], tmp_path / "resumed")  # "interrupted" after epoch 1
     run(common + ["--epochs", "3", "--resume"], tmp_path / "resumed")
-    for name in (f"sst-dev-{run_llama.MODE_NAMES[option]}-output.txt", f"sst-test-{run_llama.MODE_NAMES[option]}-output.txt"):
+    for name in (f"sst-dev-{flags.MODE_NAMES[option]}-output.txt", f"sst-test-{flags.MODE_NAMES[option]}-output.txt"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
     for name in ("model.pt", "model.pt.state"):
         whole = torch.load(tmp_path / "whole" / name, weights_only=True)["trainable"]
@@ -233,7 +235,7 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("option", ["finetune", "lora"])
 def test_classify_reproduces_the_training_runs_dev_predictions_from_anywhere(trained, tmp_path, option, capsys):
     run_dir = trained["runs"][option]
-    expected = (run_dir / f"sst-dev-{run_llama.MODE_NAMES[option]}-output.txt").read_bytes()
+    expected = (run_dir / f"sst-dev-{flags.MODE_NAMES[option]}-output.txt").read_bytes()
     run(["--option", "classify", "--filepath", str(run_dir / "model.pt"), "--input", str(trained["dev"]),
          "--output", "predicted.txt"], tmp_path)
     assert (tmp_path / "predicted.txt").read_bytes() == expected
@@ -302,17 +304,23 @@ def test_classify_refuses_another_base_model_a_missing_one_and_old_checkpoints(t
 # ---------------------------------------------------------------------------------------------------------
 # flags
 
-def test_help_shows_defaults_and_the_state_file(capsys):
+def test_help_shows_every_default_and_an_example_per_option(capsys):
     with pytest.raises(SystemExit):
-        run_llama.get_args(["--help"])
+        flags.get_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for words in ("(default: 10)", "(default: 8;", "(default: 1e-05)", "(default: 0.3)", "data/cfimdb-train.txt",
-                  "<filepath>.state"):
+                  "<filepath>.state", "(default: 0.0)", "(default: whole sentences"):
         assert words in text, words
+    for action in flags.build_parser()._actions:
+        if action.option_strings and action.nargs != 0:  # every flag that takes a value says what it is without one
+            assert "default" in flags.HelpFormatter("x")._get_help_string(action), action.option_strings
+    examples = text[text.index("examples"):]
+    for option in ("generate", "prompt", "finetune", "lora", "classify", "export"):
+        assert f"--option {option}" in examples, option
 
 
 def test_flags_take_hyphens_and_underscores_alike():
-    settings = run_llama.get_args(["--option", "prompt", "--batch-size", "3", "--label_names", "a.json", "--dev",
+    settings = flags.get_args(["--option", "prompt", "--batch-size", "3", "--label_names", "a.json", "--dev",
                                    "d.txt", "--test", "t.txt", "--max-sentence-len=5"])
     data = settings.data
     assert (data.batch_size, data.label_names, data.max_sentence_len) == (3, "a.json", 5)
@@ -414,3 +422,51 @@ def test_a_second_run_on_the_same_files_stops_at_once_and_a_killed_one_blocks_no
     first.wait(timeout=60)
     assert status(args[:-6] + ["--epochs", "0", "--filepath", "model.pt", "--overwrite"], tmp_path) == 0
     assert not lock.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a user's own data, a folder per run
+
+def test_own_data_with_label_names_trains_into_its_run_folder_and_classifies_in_any_format(tmp_path, sst_subset):
+    names = json.load(open(asset("data/sst-label-mapping.json")))
+    (tmp_path / "mydata").mkdir()
+    for split in ("train", "dev", "test"):  # named as the assignment's files are: <dataset>-<split>
+        path = sst_subset[sst_subset.index(f"--{split}") + 1]
+        rows = [line.split(" ||| ", 1) for line in open(path, encoding="utf-8").read().splitlines()]
+        with open(tmp_path / "mydata" / f"mydata-{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"review": s, "stars": names[int(label)]}) + "\n" for label, s in rows)
+    data = ["--train", "mydata/mydata-train.jsonl", "--dev", "mydata/mydata-dev.jsonl", "--test", "mydata/mydata-test.jsonl",
+            "--label-names", asset("data/sst-label-mapping.json"), "--text_field", "review", "--label_field", "stars"]
+    command = ["--option", "lora", *model_flags(), *data, "--epochs", "1", "--lr", "1e-2", "--output_dir", "runs/a"]
+    run(command, tmp_path)
+    run_dir = tmp_path / "runs" / "a"
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "mydata-dev-lora-output.txt", "mydata-lora-0.01.metrics.jsonl", "mydata-lora-0.01.png", "mydata-lora-0.01.pt",
+        "mydata-lora-0.01.pt.state", "mydata-test-lora-output.txt", "run.json"]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert shlex.split(record["command"])[2:] == command and record["status"] == "finished"
+    assert torch.load(run_dir / "mydata-lora-0.01.pt", weights_only=True)["command"] == record["command"]
+    predictions = (run_dir / "mydata-dev-lora-output.txt").read_text().splitlines()
+    assert len(predictions) == 40 and all(line.split(" ||| ")[0] in names for line in predictions)
+
+    # the same checkpoint labels a CSV file with a header, into a folder that does not exist yet
+    rows = [json.loads(line) for line in (tmp_path / "mydata" / "mydata-dev.jsonl").read_text().splitlines()]
+    with open(tmp_path / "dev.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([["text", "label"], *([r["review"], r["stars"]] for r in rows)])
+    run(["--option", "classify", "--filepath", "runs/a/mydata-lora-0.01.pt", "--input", "dev.csv",
+         "--output", "out/new/dev.csv"], tmp_path)
+    written = list(csv.reader(open(tmp_path / "out" / "new" / "dev.csv", encoding="utf-8")))
+    assert written[0] == ["text", "label"] and [row[0] for row in written[1:]] == [r["review"] for r in rows]
+    assert [row[1] for row in written[1:]] == [line.split(" ||| ")[0] for line in predictions]
+
+
+def test_a_story_ends_where_the_model_ends_it_unless_told_to_go_on(tmp_path, capsys):
+    common = ["--option", "generate", *model_flags(), "--prompt", "Once upon a time", "--temperature", "1",
+              "--seed", "2", "--max_new_tokens", "500"]
+    run(common + ["--generated_sentence_high_temp_out", "ended.txt"], tmp_path)
+    err = capsys.readouterr().err
+    n_new = int(re.search(r"note: the model ended the story after (\d+) new tokens; --ignore_eos", err).group(1))
+    run(common + ["--generated_sentence_high_temp_out", "on.txt", "--ignore_eos"], tmp_path)
+    assert "ended the story" not in capsys.readouterr().err
+    ended, went_on = (tmp_path / "ended.txt").read_text(), (tmp_path / "on.txt").read_text()
+    assert went_on.startswith(ended) and len(went_on) > len(ended) + 100 and 0 < n_new < 500

@@ -4,47 +4,12 @@ import torch
 
 from conftest import TOK512, asset
 from classifier import prompt_suffix_text
-from data import (MAX_PADDING, Example, make_batches, micro_batches, pad_batch, read_label_names, read_labeled_data,
-                  shard, tokenize)
+from data import MAX_PADDING, make_batches, micro_batches, pad_batch, shard, tokenize
+from datafiles import Example
 from tokenizer import Tokenizer
 from utils import UsageError
 
 LABELS = ["awful", "bad", "average", "good", "excellent"]
-
-
-def test_labeled_and_bare_lines_are_read_but_never_mixed(tmp_path):
-    labeled = tmp_path / "labeled.txt"
-    labeled.write_bytes(b"\xef\xbb\xbf1 ||| fine film \r\n\n0 ||| dull\n")
-    assert read_labeled_data(str(labeled), "--dev") == ([(1, 1, "fine film"), (3, 0, "dull")], 3)
-    bare = tmp_path / "bare.txt"
-    bare.write_text("a film\nanother one\n")
-    assert read_labeled_data(str(bare), "--input", labels_optional=True) == ([(1, None, "a film"), (2, None, "another one")], 2)
-    with pytest.raises(UsageError, match="line 1: no ' \\|\\|\\| ' separator"):
-        read_labeled_data(str(bare), "--dev")
-    mixed = tmp_path / "mixed.txt"
-    mixed.write_text("1 ||| labeled\nbare\n")
-    with pytest.raises(UsageError, match="mixed.txt, line 2: some lines have"):
-        read_labeled_data(str(mixed), "--input", labels_optional=True)
-
-
-def test_an_empty_input_says_what_a_line_may_hold(tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    with pytest.raises(UsageError, match="empty.txt: the file has no examples; each line must be a sentence or "
-                                         "'<label> \\|\\|\\| <sentence>'"):
-        read_labeled_data(str(empty), "--input", labels_optional=True)
-    with pytest.raises(UsageError, match="each line must be '<label> \\|\\|\\| <sentence>'$"):
-        read_labeled_data(str(empty), "--dev")
-
-
-def test_label_names_must_be_a_list_of_distinct_names(tmp_path):
-    path = tmp_path / "labels.json"
-    path.write_text('["bad", "good"]')
-    assert read_label_names(str(path)) == ["bad", "good"]
-    for content, words in (('["bad", " bad"]', "twice"), ('{"bad": 0}', "list"), ("[]", "list"), ("[bad", "JSON")):
-        path.write_text(content)
-        with pytest.raises(UsageError, match=words):
-            read_label_names(str(path))
 
 
 def test_max_sentence_len_cuts_only_the_sentence():

@@ -8,7 +8,8 @@ import torch
 
 from conftest import STORIES260K, TOK512, asset, tiny_config
 from llama import Llama, load_pretrained
-from decoding import Fp16Linear, Int8Linear, TransposedLinear, prepare_for_decoding, quantize_rows, weight_megabytes
+from decoding import (Fp16Linear, Int8Linear, TransposedLinear, prepare_for_decoding, quantize_rows, timed_generation,
+                      weight_megabytes)
 from tokenizer import Tokenizer
 
 
@@ -199,3 +200,16 @@ def test_bf16_weights_decode_in_fp16_products_at_two_bytes_a_weight():
         expected = held_as_fp32(tokens, all_logits=True)[0]
         logits = prepared(tokens, all_logits=True)[0]
     torch.testing.assert_close(logits, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_generation_stops_before_the_first_stop_token_and_counts_its_step():
+    torch.manual_seed(0)
+    llama = Llama(tiny_config(vocab_size=8)).eval()  # eight tokens: a stop token comes soon
+    prompt = torch.tensor([[1, 5, 6]])
+    torch.manual_seed(1)
+    whole, steps, _, ended = timed_generation(llama, prompt, 40, temperature=1.0)
+    new = whole[0, 3:].tolist()
+    assert not ended and steps == 39 and 2 in new
+    torch.manual_seed(1)
+    cut, steps, _, ended = timed_generation(llama, prompt, 40, temperature=1.0, stop_ids={2})
+    assert ended and cut[0, 3:].tolist() == new[:new.index(2)] and steps == new.index(2)

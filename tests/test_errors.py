@@ -79,9 +79,22 @@ class RunsCode:
         return os.system, ("touch pwned",)
 
 
-def state_file(folder, content) -> None:
-    import torch
+def state_file(folder, content) -> str:
     torch.save(content, os.path.join(folder, "model.pt.state"))
+    return os.path.join(folder, "model.pt.state")
+
+
+def classify_input(folder, command):
+    """The command as --option classify of a trained checkpoint (model.pt, a stand-in) on the dev data."""
+    command.set("--option", "classify")
+    command.set("--input", command.flags["--dev"])
+
+
+def folder_with(folder, name, *files):
+    os.makedirs(os.path.join(folder, name))
+    for file in files:
+        write(os.path.join(folder, name), file, b"{}")
+    return os.path.join(folder, name)
 
 
 def copy_of(folder, source, name):
@@ -120,7 +133,21 @@ CASES = [
     ("lora rank not positive", lambda d, a: a.set("--lora_rank", "0"), ["--lora_rank"]),
     ("unknown lora target", lambda d, a: a.set("--lora_targets", "wq,query"), ["--lora_targets", "'query'"]),
     ("no gpu", lambda d, a: a.add("--use_gpu"), ["--use_gpu"]),
-    ("output folder missing", lambda d, a: a.set("--dev_out", "no/such/dir/out.txt"), ["--dev_out", "does not exist"]),
+    ("output under a file", lambda d, a: a.set("--dev_out", "dev.txt-out/out.txt"), ["--dev_out", "dev.txt-out is a file"]),
+    # a missing output folder is made when the run starts, and removed again when the run fails
+    ("output folder made, then bad data", lambda d, a: (a.set("--dev_out", "runs/new/out.txt"),
+                                                        a.set("--dev", write(d, "n.txt", b"superb ||| ok\n"))), ["n.txt", "'superb'"]),
+    ("output_dir with classify", lambda d, a: (classify_input(d, a), a.set("--output_dir", "runs")), ["--output_dir", "--output"]),
+    # messages that point the right way
+    ("state given as a model", lambda d, a: (a.set("--option", "generate"),
+                                             a.set("--pretrained-model-path", state_file(d, {"format": "minllama2-training-state"}))),
+     ["--pretrained-model-path", "model.pt.state", "--resume", "its checkpoint, to use elsewhere, is"]),
+    ("state given to classify", lambda d, a: (classify_input(d, a), a.set("--filepath", state_file(d, {"format": "minllama2-training-state"}))),
+     ["--filepath", "model.pt.state", "--resume", "its checkpoint, to use elsewhere, is"]),
+    ("classify checkpoint missing", lambda d, a: (classify_input(d, a), a.set("--filepath", "nothere.pt")), ["nothere.pt", "no such file"]),
+    ("classify input is a folder", lambda d, a: (classify_input(d, a), a.set("--input", d)), ["--input", "is a folder", "pass a file"]),
+    ("model folder without tokenizer", lambda d, a: (a.set("--pretrained-model-path", folder_with(d, "hf", "config.json")),
+                                                     a.unset("--tokenizer")), ["hf", "no tokenizer", "--tokenizer"]),
     # hostile or damaged files
     ("checkpoint model_args huge", lambda d, a: a.set("--pretrained-model-path", pt_with_huge_model_args(d)), ["huge.pt", "plausible"]),
     ("checkpoint holds non-tensors", lambda d, a: a.set("--pretrained-model-path", pt_with_non_tensors(d)), ["odd.pt", "tensors"]),

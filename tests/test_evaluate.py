@@ -4,6 +4,9 @@ from torch import nn
 from data import Split
 from evaluate import metrics, predict, print_metrics, write_predictions
 from runtime import Runtime
+from settings import Fields
+
+SST = ["awful", "bad", "average", "good", "excellent"]
 
 
 class FirstTokenScores(nn.Module):
@@ -47,8 +50,21 @@ def test_a_split_of_one_label_value_says_its_accuracy_may_mean_nothing(capsys):
 
 def test_prediction_files_have_one_label_line_per_input(tmp_path):
     path = tmp_path / "out.txt"
-    write_predictions(str(path), [2, 0], Split("dev", [1, 0], ["A fine film .", "Dull ."], [[1], [1]]))
+    write_predictions(str(path), [2, 0], Split("dev", [1, 0], ["A fine film .", "Dull ."], [[1], [1]]), SST)
     assert path.read_text(encoding="utf-8") == "2 ||| A fine film .\n0 ||| Dull .\n"
     with_blanks = Split("input", [None, None], ["A fine film .", "Dull ."], [[1], [1]], lines=[2, 3], n_lines=5)
-    write_predictions(str(path), [2, 0], with_blanks)
+    write_predictions(str(path), [2, 0], with_blanks, SST)
     assert path.read_text(encoding="utf-8") == "\n2 ||| A fine film .\n0 ||| Dull .\n\n\n"
+
+
+def test_data_with_label_names_gets_predictions_with_names(tmp_path):
+    named = Split("dev", [3, 0], ["A fine film .", "Dull ."], [[1], [1]], named=True, fields=Fields("review", "y"))
+    write_predictions(str(tmp_path / "out.txt"), [2, 4], named, SST)
+    assert (tmp_path / "out.txt").read_text() == "average ||| A fine film .\nexcellent ||| Dull .\n"
+    write_predictions(str(tmp_path / "out.jsonl"), [2, 4], named, SST)
+    assert (tmp_path / "out.jsonl").read_text() == ('{"review": "A fine film .", "y": "average"}\n'
+                                                    '{"review": "Dull .", "y": "excellent"}\n')
+    write_predictions(str(tmp_path / "out.csv"), [2, 4], named, SST)
+    assert (tmp_path / "out.csv").read_text() == "review,y\nA fine film .,average\nDull .,excellent\n"
+
+

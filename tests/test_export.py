@@ -16,6 +16,8 @@ from test_cli import fails, read_lines, run
 from tokenizer import Tokenizer
 from transformers_oracle import to_transformers
 
+SST_NAMES = ["awful", "bad", "average", "good", "excellent"]
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -47,7 +49,7 @@ def classify_s_probabilities(exported, checkpoint, sentences):
     path.write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
     saved = read_saved(str(exported / checkpoint), "--filepath", CHECKPOINT_FORMAT)
     model, tokenizer = load_classifier(str(exported / checkpoint), saved, None, None, torch.device("cpu"))
-    split = load_split("input", str(path), 5, tokenizer, 512, saved["max_sentence_len"], labels_optional=True)
+    split = load_split("input", str(path), SST_NAMES, tokenizer, 512, saved["max_sentence_len"], labels_optional=True)
     tokens, _ = pad_batch(split.token_ids, tokenizer.pad_id)
     return tokens, predict(model, split, 8, tokenizer.pad_id, Runtime(torch.device("cpu"), None)).exp()
 
@@ -89,7 +91,7 @@ def test_a_peft_adapter_on_the_exported_base_gives_classify_s_probabilities(expo
 def test_an_exported_classifier_gives_classify_s_probabilities_in_transformers(exported):
     saved = read_saved(str(exported / "lora.pt"), "--filepath", CHECKPOINT_FORMAT)
     model, tokenizer = load_classifier(str(exported / "lora.pt"), saved, None, None, torch.device("cpu"))
-    split = load_split("input", str(exported / "sst-dev.txt"), 5, tokenizer, 512, labels_optional=True)
+    split = load_split("input", str(exported / "sst-dev.txt"), SST_NAMES, tokenizer, 512, labels_optional=True)
     ours = predict(model, split, 8, tokenizer.pad_id, Runtime(torch.device("cpu"), None)).exp()
 
     hf = transformers.LlamaForSequenceClassification.from_pretrained(exported / "classifier").eval()
@@ -125,14 +127,16 @@ def test_export_replaces_only_its_own_folders(exported, tmp_path, capsys):
     (mine / "notes.txt").write_text("keep me")
     line = fails([*common, "--output", str(mine)], tmp_path, capsys)
     assert "--output" in line and "--overwrite" in line and (mine / "notes.txt").read_text() == "keep me"
-    assert "does not exist" in fails([*common, "--output", str(tmp_path / "no" / "dir")], tmp_path, capsys)
+    assert "is a file, so no folder" in fails([*common, "--output", str(mine / "notes.txt" / "dir")], tmp_path, capsys)
     assert "a file, not a folder" in fails([*common, "--output", str(exported / "lora.pt")], tmp_path, capsys)
     run([*common, "--output", str(tmp_path / "out")], tmp_path)
     run([*common, "--output", str(tmp_path / "out"), "--lm-only"], tmp_path)  # an export may replace an export
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     run([*common, "--output", str(mine), "--overwrite"], tmp_path)
     assert not (mine / "notes.txt").exists()
-    assert sorted(os.listdir(tmp_path)) == ["mine", "out"]  # no temporary folder, no lock file left
+    run([*common, "--output", str(tmp_path / "new" / "folders" / "out")], tmp_path)  # missing folders are made
+    assert (tmp_path / "new" / "folders" / "out" / "config.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["mine", "new", "out"]  # no temporary folder, no lock file left
 
     line = fails([*common, "--output", "a", "--adapter", "--lm-only"], tmp_path, capsys)
     assert "--adapter and --lm-only" in line

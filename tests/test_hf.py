@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import run_llama
+import flags
 from conftest import ROOT, TOK512, asset
 from hf import default_tokenizer, read_hf, stored_dtype
 from decoding import prepare_for_decoding
@@ -140,7 +140,7 @@ def test_other_weights_and_tokenizers_are_refused(hf_folders, tmp_path):
     with pytest.raises(UsageError, match="tensor score.weight is not part of a LlamaForCausalLM"):
         load_pretrained(str(folder))
     os.remove(folder / "tokenizer.model")
-    with pytest.raises(UsageError, match="has no tokenizer.model or tokenizer.json; pass .* --tokenizer"):
+    with pytest.raises(UsageError, match="has no tokenizer \\(tokenizer.model or tokenizer.json\\); .* --tokenizer"):
         default_tokenizer(str(folder))
     (folder / "tokenizer.json").write_text("{}")
     with pytest.raises(UsageError, match="tokenizer.json: not a readable tokenizer.json"):
@@ -150,7 +150,7 @@ def test_other_weights_and_tokenizers_are_refused(hf_folders, tmp_path):
 def test_every_option_takes_a_folder_with_its_own_tokenizer(hf_folders, tmp_path, sst_subset, capsys):  # noqa: F811
     folder = str(hf_folders[1] / "sharded")
     run(["--option", "generate", "--pretrained-model-path", folder, "--max_new_tokens", "5"], tmp_path)
-    assert read_lines(tmp_path / "generated-sentence-temp-0.txt")[0].startswith(run_llama.ASSIGNMENT_PREFIX)
+    assert read_lines(tmp_path / "generated-sentence-temp-0.txt")[0].startswith(flags.ASSIGNMENT_PREFIX)
     run(["--option", "prompt", "--pretrained-model-path", folder, *sst_subset], tmp_path)
     run(["--option", "lora", "--pretrained-model-path", folder, *sst_subset, "--epochs", "1", "--lr", "1e-2",
          "--filepath", "lora.pt"], tmp_path)

@@ -31,12 +31,24 @@ def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
     assert os.listdir(tmp_path) == ["out.txt"]  # no temporary file left behind
 
 
+def test_missing_output_folders_are_made_and_removed_again_if_left_empty(tmp_path):
+    kept, dropped = tmp_path / "runs" / "a" / "out.txt", tmp_path / "runs" / "b" / "c" / "out.txt"
+    with held_outputs([("--dev_out", str(kept)), ("--test_out", str(dropped))]):
+        assert kept.parent.is_dir() and dropped.parent.is_dir()
+        write_text_atomic(str(kept), "x")
+    assert kept.read_text() == "x" and not (tmp_path / "runs" / "b").exists()
+    with pytest.raises(RuntimeError), held_outputs([("--dev_out", str(tmp_path / "gone" / "out.txt"))]):
+        raise RuntimeError("the run failed before writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 def test_outputs_are_checked_before_any_work(tmp_path):
     data = tmp_path / "dev.txt"
     data.write_text("1 ||| x\n")
     check_outputs([("--dev_out", str(tmp_path / "a.txt")), ("--test_out", str(tmp_path / "b.txt"))],
                   [("--dev", str(data))])
-    cases = [([("--dev_out", str(tmp_path / "no" / "a.txt"))], "does not exist"),
+    check_outputs([("--dev_out", str(tmp_path / "new" / "folders" / "a.txt"))], [])  # made when the run starts
+    cases = [([("--dev_out", str(data / "under" / "a.txt"))], "dev.txt is a file, so no folder can be made there"),
              ([("--dev_out", str(tmp_path))], "is a folder"),
              ([("--dev_out", str(data))], "--dev_out .*is also --dev, an input"),
              ([("--dev_out", "x.txt"), ("--test_out", "./x.txt")], "--test_out ./x.txt: is also --dev_out, another output")]
