@@ -72,8 +72,8 @@ class LlamaEmbeddingClassifier(nn.Module):
     """The final hidden state of the last real token, then dropout, a linear head and log-softmax.
 
     The head is transformers' `score` of LlamaForSequenceClassification: no bias, weights drawn from N(0, 0.02),
-    so that a trained classifier exports exactly (export.py) and trains as transformers' does (README "Accuracy
-    parity"). Checkpoints made before had a bias (head_bias=True rebuilds them)."""
+    so that a trained classifier exports exactly (export.py) and trains as transformers' does
+    (docs/accuracy.md). Checkpoints made before had a bias (head_bias=True rebuilds them)."""
 
     def __init__(self, llama: Llama, num_labels: int, hidden_dropout_prob: float, head_bias: bool = False):
         super().__init__()

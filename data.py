@@ -77,7 +77,7 @@ def make_batches(lengths: list[int], batch_size: int, shuffle: bool,
                  generator: Optional[torch.Generator] = None) -> list[list[int]]:
     """Group example indices into batches. For evaluation (shuffle=False) they are sorted by length, so that little
     padding is computed. For training they are drawn at random, as transformers' Trainer draws them: batches of
-    similar lengths (length buckets) cost about .01 of dev accuracy (README "Accuracy parity"), so a training step
+    similar lengths (length buckets) cost about .01 of dev accuracy (docs/accuracy.md), so a training step
     saves its padding by micro_batches instead, which leave the step's gradient as it is."""
     if not shuffle:
         by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])

@@ -1,5 +1,5 @@
-"""Dev accuracy of our fine-tuning against transformers' on the same recipe, over several seeds (README
-"Accuracy parity"). Minutes per task on a CPU, so a script rather than a test:
+"""Dev accuracy of our fine-tuning against transformers' on the same recipe, over several seeds
+(docs/accuracy.md). Minutes per task on a CPU, so a script rather than a test:
 
   .venv/bin/python parity.py --task sst2 --seeds 5            # binary SST: 800 train sentences, all of dev
   .venv/bin/python parity.py --task sst5 --seeds 5 --variants ours,transformers
@@ -21,7 +21,7 @@ model computes the same gradients as ours to 1e-7 on the same batch: tests/test_
   ours-torch-adamw   ... but torch.optim.AdamW with its defaults (eps 1e-8, weight decay 0.01)
   transformers       LlamaForSequenceClassification, torch.optim.AdamW, our batches computed whole
 
-Rounds before the micro-batches (README, results/parity-*.txt from before 2026-11-29) ran with length buckets as
+Rounds before the micro-batches (results/parity-*.txt from before 2026-11-29) ran with length buckets as
 ours' batches: their "ours" rows are ours-buckets here, their ours-bias-head and ours-torch-adamw rows had buckets.
 
 Reported per variant: dev accuracy after the last epoch for each seed, their mean and standard error, padded

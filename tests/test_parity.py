@@ -1,4 +1,4 @@
-"""parity.py's input checks (its runs take minutes a seed: README "Accuracy parity" has them)."""
+"""parity.py's input checks (its runs take minutes a seed: docs/accuracy.md has them)."""
 import pytest
 
 import parity

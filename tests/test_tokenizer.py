@@ -62,7 +62,7 @@ def test_tokenizer_json_gives_transformers_ids_and_sentencepiece_s(saved_by_tran
     assert [ours.encode(t, bos=False, eos=False) for t in texts] == theirs(texts, add_special_tokens=False)["input_ids"]
     assert [ours.encode(t, bos=True, eos=False) for t in texts] == theirs(texts)["input_ids"]
     assert [ours.encode(t, bos=True, eos=True) for t in texts] == with_eos(texts)["input_ids"]
-    # runs of spaces are cut otherwise by sentencepiece than by transformers' reading of its model (README)
+    # runs of spaces are cut otherwise by sentencepiece than by transformers' reading of its model (docs/usage.md)
     same_text = [t for t in texts if "  " not in t]
     assert [ours.encode(t, True, True) for t in same_text] == [spm.encode(t, True, True) for t in same_text]
     assert [ours.decode(ours.encode(t, True, True)) for t in texts[:50]] == [spm.decode(spm.encode(t, True, True))
