@@ -7,6 +7,7 @@
   .venv/bin/python bench.py --decode --llama2c ../shared/llama2c        # the decoding rows alone (minutes)
   .venv/bin/python bench.py --training                                  # the training step rows alone
   .venv/bin/python bench.py --big       # 1.1B parameters (TinyLlama's shape): generate and LoRA vs transformers/PEFT
+  .venv/bin/python bench.py --fsdp      # 348M parameters, full fine-tuning by 2 processes: DDP's memory and FSDP's
 
 Prints one table: greedy decode (fp32, int8 and fp16, each side at its best thread count up to --threads) and what a
 decoding step spends besides its products, prefill throughput, decoding memory, full fine-tuning and LoRA step time
@@ -28,7 +29,7 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn.functional as F
 
-from bench_big import bench_big
+from bench_big import bench_big, bench_fsdp
 from bench_decode import (at, base_model, best_thread_count, decode_child, llama2c_rows, median_seconds, peak_rss_mb,
                           seconds_once, set_threads)
 from classifier import build_classifier, zero_shot_classifier
@@ -324,6 +325,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="the SST epoch's micro-batches (default: run_llama.py's, cut by padding on a CPU)")
     parser.add_argument("--big", action="store_true", help="only real model sizes: bench_big.py's rows (see there)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="only the memory of full fine-tuning by 2 processes, replicated and sharded (bench_big.py)")
     parser.add_argument("--big-dir", default=None, help="--big: keep the 1.1B folder here, and reuse it next time")
     parser.add_argument("--big-tokens", type=int, default=32, help="--big: new tokens a generate row decodes")
     parser.add_argument("--big-sentences", type=int, default=8,
@@ -333,6 +336,10 @@ def main() -> None:
     if not args.child:
         check_flags(args)
     set_threads(args.threads)
+    if args.fsdp:
+        require_extra("transformers", "--fsdp (it saves the random model)")
+        bench_fsdp(8)
+        return
     if args.big:
         bench_big(args.big_dir, args.big_tokens, args.big_sentences, args.threads)
         return

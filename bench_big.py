@@ -4,6 +4,10 @@ temporary folder (2.2 GB, never kept unless --big-dir names one), then, one proc
 resident memory is its own: generate with each precision of ours beside transformers' bf16 model, and a LoRA epoch
 beside PEFT's on a bf16 base. Each row gives tokens per second (or seconds) and peak memory, and the decoding rows the
 bytes of weights a token reads times tokens per second beside the machine's read bandwidth (one large sum).
+
+bench.py --fsdp: full fine-tuning of a random 348M-parameter model (hidden 1024, 22 layers, fp32) by 2 processes
+under torchrun, replicated (DistributedDataParallel) and sharded (--fsdp): what each process keeps for weights,
+gradients and AdamW moments, and each process's peak resident memory.
 """
 import os
 import re
@@ -71,12 +75,16 @@ print(f"epoch 0: {time.perf_counter() - start:.0f} s, peak memory {peak_rss() / 
 """
 
 
-def make_folder(folder: str) -> None:
-    """The random 1.1B model, saved by transformers in bf16, with Llama 2's tokenizer."""
+FSDP_SHAPE = {**SHAPE, "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,
+              "num_key_value_heads": 16}
+
+
+def make_folder(folder: str, shape: dict = SHAPE, dtype: torch.dtype = torch.bfloat16) -> None:
+    """A random model of that shape, saved by transformers (the 1.1B one in bf16), with Llama 2's tokenizer."""
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM._from_config(transformers.LlamaConfig(**SHAPE), dtype=torch.bfloat16)
+    model = transformers.LlamaForCausalLM._from_config(transformers.LlamaConfig(**shape), dtype=dtype)
     model.save_pretrained(folder)
     shutil.copyfile(os.path.join(ROOT, "tokenizer.model"), os.path.join(folder, "tokenizer.model"))
 
@@ -99,11 +107,16 @@ def run(command: list[str]) -> str:
     return result.stdout + result.stderr
 
 
+def layer_weights(shape: dict) -> int:
+    """The weights of a shape's layers' matrices (attention and feed-forward)."""
+    dim, hidden = shape["hidden_size"], shape["intermediate_size"]
+    kv_dim = shape["num_key_value_heads"] * dim // shape["num_attention_heads"]
+    return shape["num_hidden_layers"] * (dim * (2 * dim + 2 * kv_dim) + 3 * dim * hidden)
+
+
 def matrix_weights() -> int:
     """The weights a decoding step reads: every layer's matrices and the output (of the embedding, one row)."""
-    dim, hidden = SHAPE["hidden_size"], SHAPE["intermediate_size"]
-    kv_dim = SHAPE["num_key_value_heads"] * dim // SHAPE["num_attention_heads"]
-    return SHAPE["num_hidden_layers"] * (dim * (2 * dim + 2 * kv_dim) + 3 * dim * hidden) + SHAPE["vocab_size"] * dim
+    return layer_weights(SHAPE) + SHAPE["vocab_size"] * SHAPE["hidden_size"]
 
 
 def generate_rows(folder: str, new: int, threads: int) -> list[str]:
@@ -129,14 +142,20 @@ def generate_rows(folder: str, new: int, threads: int) -> list[str]:
     return rows
 
 
-def lora_rows(folder: str, sentences: int, threads: int) -> list[str]:
-    """One LoRA epoch on the first SST training sentences, batch 8, then as many dev sentences: ours and PEFT's."""
+def sst_head(folder: str, sentences: int) -> dict[str, str]:
+    """The first SST training and dev sentences, as files in folder."""
     data = {}
-    for split, n in (("train", sentences), ("dev", sentences)):
+    for split in ("train", "dev"):
         with open(os.path.join(ROOT, f"data/sst-{split}.txt"), encoding="utf-8") as f:
             data[split] = os.path.join(folder, f"{split}.txt")
             with open(data[split], "w", encoding="utf-8") as out:
-                out.writelines(f.readlines()[:n])
+                out.writelines(f.readlines()[:sentences])
+    return data
+
+
+def lora_rows(folder: str, sentences: int, threads: int) -> list[str]:
+    """One LoRA epoch on the first SST training sentences, batch 8, then as many dev sentences: ours and PEFT's."""
+    data = sst_head(folder, sentences)
     ours = [sys.executable, "run_llama.py", "--option", "lora", "--pretrained-model-path", folder, "--train",
             data["train"], "--dev", data["dev"], "--test", data["dev"], "--label-names", "data/sst-label-mapping.json",
             "--epochs", "1", "--batch_size", "8", "--lr", "1e-4", "--hidden_dropout_prob", "0", "--dtype", "bf16",
@@ -150,6 +169,31 @@ def lora_rows(folder: str, sentences: int, threads: int) -> list[str]:
         peak = float(re.findall(r"peak memory ([\d.]+) GB", out)[-1])
         rows.append(f"| LoRA, {sentences} sentences + as many dev: {name} | epoch {epoch} s | {peak:.2f} GB | |")
     return rows
+
+
+def bench_fsdp(sentences: int) -> None:
+    """One epoch of full fine-tuning by 2 processes (one thread each), replicated and sharded, one after the other."""
+    folder = tempfile.mkdtemp(prefix="minllama2-fsdp-")
+    try:
+        make_folder(folder, FSDP_SHAPE, torch.float32)
+        data = sst_head(folder, sentences)
+        params = layer_weights(FSDP_SHAPE) + 2 * FSDP_SHAPE["vocab_size"] * FSDP_SHAPE["hidden_size"]  # untied
+        print(f"| 2 processes, full fine-tuning of {params / 1e6:.0f}M parameters (fp32) | kept per "
+              f"process: weights + gradients + AdamW moments | peak resident memory per process | epoch |\n"
+              f"| --- | ---: | ---: | ---: |", flush=True)
+        for name, extra in (("DistributedDataParallel", []), ("--fsdp", ["--fsdp"])):
+            out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       "run_llama.py", "--option", "finetune", "--pretrained-model-path", folder, "--train",
+                       data["train"], "--dev", data["dev"], "--test", data["dev"], "--label-names",
+                       "data/sst-label-mapping.json", "--epochs", "1", "--batch_size", "2", "--lr", "1e-5",
+                       "--filepath", os.path.join(folder, "model.pt"), "--overwrite", *extra])
+            kept = re.findall(r"process \d ([\d.]+) \+ ([\d.]+) \+ ([\d.]+) = ([\d.]+) MB", out)
+            peaks = re.findall(r"peak memory ([\d., ]+) GB", out)[-1]
+            seconds = re.findall(r"epoch 0: .*?(\d+) s,", out)[-1]
+            print(f"| {name} | {' / '.join(f'{float(k[3]) / 1e3:.2f} GB' for k in kept)} | {peaks} GB | {seconds} s |",
+                  flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def bench_big(folder: str, new: int, sentences: int, threads: int) -> None:

@@ -6,17 +6,23 @@ another run's.
 Both files hold tensors and plain values only and load with weights_only=True: no code runs from a file.
 """
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 import random
 import shlex
+import shutil
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.tensor import DTensor
 
 from classifier import LlamaEmbeddingClassifier, build_classifier
 from llama import Llama, load_pretrained, stored_weights
@@ -136,7 +142,10 @@ def load_trainable(model: nn.Module, tensors: Any, path: str) -> None:
         raise UsageError(f"{path}: its tensors are not this model's trainable parameters (differing: {odd}); "
                          f"was it written with other flags or another base model?")
     try:
-        model.load_state_dict(tensors, strict=False)
+        if is_sharded(model):  # every process read the whole tensors; each keeps its shard
+            set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:
         raise UsageError(f"{path}: its tensors do not fit this model ({str(e).splitlines()[-1].strip()})") from e
 
@@ -227,6 +236,7 @@ def describe_run(settings: Settings, llama: Llama, base_fingerprint: str, label_
               "--hidden_dropout_prob": training.hidden_dropout_prob, "--max_sentence_len": data.max_sentence_len,
               "--text_field": data.fields.text, "--label_field": data.fields.label, "processes": runtime.world_size}
     record.update({f"--lora_{key}": value for key, value in (lora or {}).items()})
+    record.update({"--fsdp": True} if training.fsdp else {})  # a sharded state resumes sharded
     checkpoint = training.files.checkpoint
     return {"format": CHECKPOINT_FORMAT, "command": shlex.join(["python", "run_llama.py", *settings.command]),
             "option": training.option, "label_names": label_names,
@@ -244,6 +254,16 @@ def write_run_record(settings: Settings, status: str, **details: Any) -> None:
     write_text_atomic(settings.run_record, json.dumps(record, indent=2) + "\n")
 
 
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What a resumed run may not change: every flag but --epochs; the number of processes may change where the
+    global batch (--batch_size x processes) stays (the same batches, each process's share another)."""
+    changed = differences(saved, current, may_differ=("--epochs", "--batch_size", "processes"))
+    global_batch = [record.get("--batch_size", 0) * record.get("processes", 1) for record in (saved, current)]
+    if global_batch[0] != global_batch[1]:
+        changed.append(f"the global batch (--batch_size x processes) {global_batch[0]} there, {global_batch[1]} here")
+    return changed
+
+
 def check_run_files(settings: Settings, record: dict) -> Optional[dict]:
     """Before any training: the state to resume (with --resume), checked to come from this run; and a refusal
     to replace a checkpoint or state that another run made, unless --overwrite."""
@@ -255,10 +275,11 @@ def check_run_files(settings: Settings, record: dict) -> Optional[dict]:
         print(f"note: --resume: no training state {state_path} yet, so training starts at epoch 0")
     elif training.resume:
         state = read_saved(state_path, "--resume", STATE_FORMAT)
-        changed = differences(state["training"], record, may_differ=("--epochs",))
+        changed = resume_differences(state["training"], record)
         if changed:
             raise UsageError(f"--resume {state_path}: that run differs from this one ({'; '.join(changed)}); only "
-                             f"--epochs may change on resume: use its flags, or another --filepath")
+                             f"--epochs, and the processes with the same global batch, may change on resume: use "
+                             f"its flags, or another --filepath")
     if training.overwrite:
         return state
     for path, saved_format in ((training.files.checkpoint, CHECKPOINT_FORMAT), (state_path, STATE_FORMAT)):
@@ -269,7 +290,8 @@ def check_run_files(settings: Settings, record: dict) -> Optional[dict]:
         except UsageError:
             raise UsageError(f"--filepath {path}: exists and was not written by a run like this one; pass "
                              f"--overwrite to replace it, or choose another --filepath") from None
-        changed = differences(saved["training"], record, may_differ=("--epochs",) if training.resume else ())
+        changed = resume_differences(saved["training"], record) if training.resume else differences(saved["training"],
+                                                                                                       record)
         if changed:
             hint = " --resume to continue it," if [c.split()[0] for c in changed] == ["--epochs"] else ""
             raise UsageError(f"--filepath {path}: made by another run ({'; '.join(changed)}); pass{hint} "
@@ -277,18 +299,57 @@ def check_run_files(settings: Settings, record: dict) -> Optional[dict]:
     return state
 
 
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds: the whole model for full fine-tuning, adapters + head for LoRA."""
+    """What a checkpoint holds: the whole model for full fine-tuning, adapters + head for LoRA. Of a sharded model,
+    every process must ask (the shards are gathered) and rank 0 gets the whole tensors, in CPU memory."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    if is_sharded(model):
+        whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {name: whole[name] for name in names if name in whole}
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(model: nn.Module, described: dict, history: list[dict], best_epoch: Optional[int],
-                    path: str) -> None:
-    """The classifier after best_epoch (None: untrained, when no epoch ran)."""
-    save_atomic({**described, "history": list(history), "best_epoch": best_epoch,
-                 "trainable": trainable_state(model)}, path)
+def save_checkpoint(tensors: dict[str, torch.Tensor], described: dict, history: list[dict],
+                    best_epoch: Optional[int], path: str) -> None:
+    """The classifier (its trainable tensors) after best_epoch (None: untrained, when no epoch ran)."""
+    save_atomic({**described, "history": list(history), "best_epoch": best_epoch, "trainable": tensors}, path)
     what = "the untrained classifier (no epoch ran)" if best_epoch is None else f"the best model so far (epoch {best_epoch})"
     print(f"saved {what} to {path}")
+
+
+def save_sharded_state(path: str, record: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       runtime: Runtime) -> None:
+    """A sharded model's training state: every process writes its shards of the weights and AdamW moments
+    (torch.distributed.checkpoint) into <path>.shards-<epoch>, then rank 0 writes the file at path, the record
+    that names them, and removes the shards of earlier epochs. The file is replaced last and atomically, so a
+    crash at any moment leaves the previous state whole. A state can be read back by any number of processes."""
+    shards = f"{path}.shards-{record['epoch']}"
+    if runtime.is_main and os.path.exists(shards):
+        shutil.rmtree(shards)  # an attempt that a crash cut short
+    runtime.barrier()
+    weights, moments = get_state_dict(model, optimizer)
+    dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=shards)
+    runtime.barrier()
+    if runtime.is_main:
+        save_atomic({**record, "trainable": {}, "optimizer": {}, "shards": os.path.basename(shards)}, path)
+        for old in glob.glob(glob.escape(path) + ".shards-*"):
+            if old != shards:
+                shutil.rmtree(old)
+
+
+def load_sharded_state(path: str, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load what save_sharded_state wrote into a model sharded across this run's processes."""
+    shards = os.path.join(os.path.dirname(os.path.abspath(path)), state["shards"])
+    if not os.path.isdir(shards):
+        raise UsageError(f"--resume {path}: its shards {shards} are missing; delete {path} and train again")
+    weights, moments = get_state_dict(model, optimizer)
+    loaded = {"model": weights, "optimizer": moments}
+    dcp.load(loaded, checkpoint_id=shards)
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
 
 
 # ---------------------------------------------------------------------------------------------------------

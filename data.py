@@ -89,10 +89,11 @@ def make_batches(lengths: list[int], batch_size: int, shuffle: bool,
 MAX_PADDING = 0.25
 
 
-def micro_batches(lengths: list[int], size: Optional[int] = None) -> list[list[int]]:
+def micro_batches(lengths: list[int], size: Optional[int] = None, n_parts: Optional[int] = None) -> list[list[int]]:
     """One step's examples (given by their lengths) as positions sorted by length and cut into micro-batches of
     even sizes, each padded only to its own longest; the step sums their gradients. With `size`: as few as there
-    can be of at most `size` examples. Without: as few as keep the padding within MAX_PADDING per real token, since
+    can be of at most `size` examples; with `n_parts`, that many. Otherwise: as few as keep the padding within
+    MAX_PADDING per real token, since
     each micro-batch is a forward and backward pass with a fixed cost of its own (on stories260K, as much as 270
     tokens). A random batch of 32 SST sentences pads 1.1 tokens per real token; cut in 4, 0.23."""
     by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -101,6 +102,8 @@ def micro_batches(lengths: list[int], size: Optional[int] = None) -> list[list[i
         bounds = [len(by_length) * part // n_parts for part in range(n_parts + 1)]
         return [by_length[start:end] for start, end in zip(bounds, bounds[1:])]
 
+    if n_parts is not None:
+        return cut(n_parts)
     if size is not None:
         return cut(-(-len(by_length) // size))
     real = sum(lengths)
@@ -110,13 +113,15 @@ def micro_batches(lengths: list[int], size: Optional[int] = None) -> list[list[i
             return parts
 
 
-def shard(indices: list[int], rank: int, world_size: int) -> tuple[list[int], list[float]]:
+def shard(indices: list[int], rank: int, world_size: int, equal: bool = False) -> tuple[list[int], list[float]]:
     """One process's share of a global batch and the weight of each example in it: 1, or 0 for the copies that
-    fill a batch shorter than world_size, so that every process has work and none is counted twice."""
+    fill a batch shorter than world_size, so that every process has work and none is counted twice; with equal,
+    copies fill every share to the same size (a sharded model runs each pass in every process at once)."""
     weights = [1.0] * len(indices)
-    if len(indices) < world_size:
-        indices = (indices * world_size)[:world_size]
-        weights = (weights + [0.0] * world_size)[:world_size]
+    size = -(-len(indices) // world_size) * world_size if equal else world_size
+    if len(indices) < size:
+        indices = (indices * size)[:size]
+        weights = (weights + [0.0] * size)[:size]
     return indices[rank::world_size], weights[rank::world_size]
 
 

@@ -15,7 +15,7 @@ def predict(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, 
     little padding is computed, and under torchrun each process predicts every world_size-th batch."""
     model.eval()
     lengths = [len(t) for t in split.token_ids]
-    batches = make_batches(lengths, batch_size, shuffle=False)[runtime.rank::runtime.world_size]
+    batches = runtime.my_batches(make_batches(lengths, batch_size, shuffle=False))
     scored = {}
     for indices in runtime.progress(batches, f"eval {split.name}", leave=False):
         tokens, batch_lengths = pad_batch([split.token_ids[i] for i in indices], pad_id)

@@ -147,6 +147,10 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
                      help="training: recompute each layer's activations in the backward pass instead of keeping "
                           "them: less memory for long inputs and big models, a second forward pass of compute, the "
                           "same results")
+    cls.add_argument("--fsdp", action="store_true",
+                     help="finetune under torchrun: shard the weights, gradients and AdamW state across the processes "
+                          "(FSDP2) instead of keeping all of them in each (DistributedDataParallel): for a model whose "
+                          "training does not fit one device; the same results, more communication")
     cls.add_argument("--lr", type=finite_float, default=1e-5, help="AdamW learning rate")
     cls.add_argument("--hidden_dropout_prob", type=finite_float, default=0.3, help="dropout before the classification head")
     cls.add_argument("--filepath", default=None,
@@ -207,7 +211,8 @@ def get_args(argv: Optional[list[str]] = None) -> Settings:
         lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets) \
             if args.option == "lora" else None
         training = TrainingSettings(args.option, args.epochs, args.lr, args.hidden_dropout_prob, lora, files,
-                                    args.resume, args.overwrite, args.micro_batch_size, args.gradient_checkpointing)
+                                    args.resume, args.overwrite, args.micro_batch_size, args.gradient_checkpointing,
+                                    args.fsdp)
         outputs = files.outputs() + outputs  # the checkpoint first: the file that a clash names
     run_record = in_run_dir("run.json") if args.output_dir else None
     if run_record:
@@ -253,6 +258,10 @@ def check_values(args: argparse.Namespace) -> None:
         (args.option not in ("classify", "export") or not args.output_dir,
          "--output_dir goes with --option generate, prompt, finetune or lora; classify and export write --output"),
         (args.option == "generate" or not args.ignore_eos, "--ignore_eos goes with --option generate"),
+        (args.option == "finetune" or not args.fsdp,
+         "--fsdp goes with --option finetune (LoRA trains a few MB, which every process holds whole at no cost)"),
+        (not args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1,
+         "--fsdp shards the model across processes: start the run with torchrun --nproc_per_node N (N >= 2)"),
         (args.option == "generate" or not args.quantize,
          "--quantize goes with --option generate (training and scoring use the float weights)"),
     ]

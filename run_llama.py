@@ -176,7 +176,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with signals_interrupt():
             settings = get_args(argv)
-            runtime = start_runtime(settings.use_gpu, settings.dtype, *settings.stored_dtype)
+            runtime = start_runtime(settings.use_gpu, settings.dtype, *settings.stored_dtype,
+                                    shard=bool(settings.training and settings.training.fsdp))
             if not runtime.is_main:
                 sys.stdout = open(os.devnull, "w")  # one log: rank 0's
             seed_everything(settings.seed + runtime.rank)  # own dropout masks; shared batches come from --seed

@@ -1,5 +1,6 @@
-"""Where and how a run computes: its device, its autocast precision, its place among torchrun's processes,
-its random seeds, and what Ctrl-C and SIGTERM do to it."""
+"""Where and how a run computes: its device, its autocast precision, its place among torchrun's processes and
+how they share a model (DistributedDataParallel replicates it, FSDP2 shards it), its random seeds, and what Ctrl-C
+and SIGTERM do to it."""
 import dataclasses
 import os
 import random
@@ -10,6 +11,9 @@ from typing import Any, ContextManager, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from utils import UsageError
@@ -68,6 +72,7 @@ class Runtime:
     amp_dtype: Optional[torch.dtype] = None  # None: plain fp32
     rank: int = 0
     world_size: int = 1
+    shard: bool = False  # FSDP2: each process keeps a shard of the weights, gradients and optimizer state
 
     @property
     def is_main(self) -> bool:
@@ -84,10 +89,12 @@ class Runtime:
         return self.amp_dtype or torch.float32
 
     def peak_memory(self) -> str:
-        """The most memory this process has held so far: the GPU's allocations on CUDA, else resident memory."""
-        if self.device.type == "cuda":
-            return f"peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 1e9:.2f} GB"
-        return f"peak memory {peak_rss() / 1e9:.2f} GB"
+        """The most memory each process has held so far: the GPU's allocations on CUDA, else resident memory.
+        Under torchrun every process must ask (one gather); the answer lists them in rank order."""
+        gpu = self.device.type == "cuda"
+        peaks = self.gather((torch.cuda.max_memory_allocated(self.device) if gpu else peak_rss()) / 1e9)
+        return (f"peak {'GPU ' * gpu}memory {', '.join(f'{peak:.2f}' for peak in peaks)} GB"
+                + (f" (processes 0-{self.world_size - 1})" if self.world_size > 1 else ""))
 
     def autocast(self) -> ContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
@@ -103,6 +110,51 @@ class Runtime:
         total = torch.tensor([value], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(total)
         return total.item()
+
+    def parallel(self, model: nn.Module, blocks: Iterable[nn.Module]) -> nn.Module:
+        """What trains the model across the processes: the model itself alone; DistributedDataParallel, which keeps
+        all of it in every process and averages the gradients; or, with shard, the model sharded in place by FSDP2,
+        each of `blocks` (its layers) and the rest on their own, so that a process gathers one block's weights only
+        while it computes that block. Under bf16 or fp16 the shards stay fp32 (the masters, and the gradients'
+        reduction) and the gathered weights are cast for the compute."""
+        if self.world_size == 1:
+            return model
+        if not self.shard:
+            return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        with torch.no_grad():  # rank 0's weights everywhere, as DistributedDataParallel starts: the head is drawn
+            for tensor in model.state_dict().values():  # from each process's own seed
+                torch.distributed.broadcast(tensor, src=0)
+        policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
+        for block in blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+
+    @staticmethod
+    def gradient_sync(model: nn.Module, last: bool) -> ContextManager:
+        """Around one micro-batch's backward pass: the processes combine the gradients after the last one only."""
+        if isinstance(model, DistributedDataParallel) and not last:
+            return model.no_sync()
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    def my_batches(self, batches: list) -> list:
+        """This process's share of the batches to evaluate: every world_size-th. Sharded, every process runs as
+        many forward passes as the others, since each pass gathers weights from all of them (a short share ends
+        with a batch again, whose predictions are the same)."""
+        mine = batches[self.rank::self.world_size]
+        if self.shard:
+            mine += [batches[-1]] * (-(-len(batches) // self.world_size) - len(mine))
+        return mine
+
+    def largest(self, value: int) -> int:
+        """The largest of the processes' values (one all-reduce)."""
+        if self.world_size == 1:
+            return value
+        largest = torch.tensor([value], device=self.device)
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        return int(largest.item())
 
     def progress(self, iterable: Iterable, desc: str, **kwargs: Any) -> tqdm:
         """A progress bar on rank 0's terminal only (in a captured log a bar would share lines with the results);
@@ -120,10 +172,11 @@ class Runtime:
         return gathered
 
 
-def start_runtime(use_gpu: bool, dtype: str, stored: Optional[str] = None, source: str = "") -> Runtime:
+def start_runtime(use_gpu: bool, dtype: str, stored: Optional[str] = None, source: str = "",
+                  shard: bool = False) -> Runtime:
     """Plain `python run_llama.py` runs one process; under torchrun (WORLD_SIZE > 1) join the process group,
-    gloo on CPU and NCCL on CUDA, one GPU per process. dtype "auto" follows `stored`, the precision the weights of
-    `source` are stored (or were trained) in (see resolve_dtype)."""
+    gloo on CPU and NCCL on CUDA, one GPU per process, the model replicated or with shard sharded. dtype "auto"
+    follows `stored`, the precision the weights of `source` are stored (or were trained) in (see resolve_dtype)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = get_device(use_gpu, local_rank)
@@ -133,7 +186,7 @@ def start_runtime(use_gpu: bool, dtype: str, stored: Optional[str] = None, sourc
     if device.type == "mps":
         raise UsageError("torchrun with --use_gpu needs CUDA; Apple MPS runs one process")
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, precision, torch.distributed.get_rank(), world_size)
+    return Runtime(device, precision, torch.distributed.get_rank(), world_size, shard)
 
 
 def resolve_dtype(dtype: str, stored: Optional[str], source: str, device: torch.device) -> str:

@@ -101,6 +101,7 @@ class TrainingSettings:
     overwrite: bool
     micro_batch_size: Optional[int] = None  # None: the device's default (train.accumulate_gradients)
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
+    fsdp: bool = False  # shard the model across torchrun's processes instead of replicating it
 
 
 @dataclass(frozen=True)

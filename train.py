@@ -6,21 +6,22 @@ evaluates dev, and ends by saving: the best-dev checkpoint when dev accuracy imp
 state (weights or adapters, optimizer, progress, every process's random-number generators) for --resume, then the
 metrics. Under torchrun every process draws the same global batches of batch_size * world_size examples (one
 shared generator) and trains on its own share; each example weighs 1 / (global batch size), so that the gradient
-DistributedDataParallel averages is the one a single process would compute.
+the processes average is the one a single process would compute, whether they replicate the model
+(DistributedDataParallel) or shard it (--fsdp: runtime.Runtime.parallel chooses).
 """
 import dataclasses
 import json
 import math
 import os
 import time
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 
-from checkpoint import STATE_FORMAT, load_trainable, rng_state, save_checkpoint, set_rng_state, trainable_state
+from checkpoint import (STATE_FORMAT, load_sharded_state, load_trainable, rng_state, save_checkpoint,
+                        save_sharded_state, set_rng_state, trainable_state)
 from data import Split, make_batches, micro_batches, pad_batch, shard
 from evaluate import metrics, predict
 from optimizer import AdamW
@@ -48,25 +49,28 @@ class Training:
     def __init__(self, model: torch.nn.Module, settings: Settings, described: dict, runtime: Runtime):
         self.model, self.settings, self.described, self.runtime = model, settings, described, runtime
         self.files = settings.training.files
-        self.trainer = model
-        if runtime.world_size > 1:
-            self.trainer = DistributedDataParallel(
-                model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        self.trainer = runtime.parallel(model, model.llama.layers)
         self.optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.training.lr)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(settings.seed)  # the batches: the same in every process
         self.progress = Progress()
+        self.memory_reported = False
 
     def resume(self, state: dict) -> None:
         """Go on from a training state (checked by checkpoint.check_run_files to come from this run)."""
-        load_trainable(self.model, state["trainable"], self.files.state)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("shards"):
+                load_sharded_state(self.files.state, state, self.model, self.optimizer)
+            else:
+                load_trainable(self.model, state["trainable"], self.files.state)
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise UsageError(f"--resume {self.files.state}: its optimizer state does not fit this model ({e}); "
                              f"delete it and train again") from e
-        set_rng_state(state["rng"][self.runtime.rank], self.generator, self.runtime.device, self.files.state)
+        # another number of processes (the same global batch) draws the same batches; dropout draws other masks
+        set_rng_state(state["rng"][self.runtime.rank % len(state["rng"])], self.generator, self.runtime.device,
+                      self.files.state)
         self.progress = Progress(state["epoch"], state["best_dev_acc"], state["best_epoch"], state["history"])
         print(f"resumed from {self.files.state} after epoch {state['epoch']}")
 
@@ -78,7 +82,7 @@ class Training:
         bar = runtime.progress(batches, f"train-{epoch}")
         total_loss, n_seen, start = 0.0, 0, time.perf_counter()
         for step, indices in enumerate(bar):
-            mine, weights = shard(indices, runtime.rank, runtime.world_size)
+            mine, weights = shard(indices, runtime.rank, runtime.world_size, equal=runtime.shard)
             self.optimizer.zero_grad(set_to_none=True)
             # DDP averages over processes, hence world_size / (global batch) rather than 1 / (own share)
             loss_sum = accumulate_gradients(self.trainer, [train.token_ids[i] for i in mine],
@@ -91,10 +95,26 @@ class Training:
                 raise UsageError(f"training loss became {batch_loss} at epoch {epoch}, step {step}; lower --lr{saved}")
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if not self.memory_reported:
+                self.report_memory()
             total_loss += batch_loss
             n_seen += len(indices)
             bar.set_postfix(loss=f"{total_loss / n_seen:.3f}", ex_per_s=f"{n_seen / (time.perf_counter() - start):.1f}")
         return total_loss, n_seen
+
+    def report_memory(self) -> None:
+        """What each process keeps for the weights, their gradients and AdamW's moments (its shards under --fsdp)."""
+        def megabytes(tensors: Iterable[torch.Tensor]) -> float:
+            local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+            return sum(t.numel() * t.element_size() for t in local) / 1e6
+
+        params = list(self.model.parameters())
+        held = [megabytes(params), megabytes(p.grad for p in params if p.grad is not None),
+                megabytes(t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))]
+        per_process = self.runtime.gather(held)
+        self.memory_reported = True
+        print("kept for training (weights + gradients + AdamW moments): " + "; ".join(
+            f"process {rank} {w:.1f} + {g:.1f} + {m:.1f} = {w + g + m:.1f} MB" for rank, (w, g, m) in enumerate(per_process)))
 
     def end_epoch(self, epoch: int, dev: Split, pad_id: int, train_loss: float, n_seen: int, start: float,
                   train_seconds: float) -> None:
@@ -116,17 +136,28 @@ class Training:
                                  "seconds": time.perf_counter() - start, "examples_per_s": n_seen / train_seconds})
         if dev_acc > progress.best_dev_acc:
             progress.best_dev_acc, progress.best_epoch = dev_acc, epoch
-            if self.runtime.is_main:
-                save_checkpoint(self.model, self.described, progress.history, epoch, self.files.checkpoint)
+            self.save_checkpoint(epoch)
         rngs = self.runtime.gather(rng_state(self.generator, self.runtime.device))
-        if self.runtime.is_main:  # after the checkpoint: a state never refers to a checkpoint not yet on disk
-            save_atomic({"format": STATE_FORMAT, "training": self.described["training"], "epoch": epoch,
-                         "best_dev_acc": progress.best_dev_acc, "best_epoch": progress.best_epoch,
-                         "history": progress.history, "trainable": trainable_state(self.model),
-                         "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                         "rng": rngs}, self.files.state)
+        # after the checkpoint: a state never refers to a checkpoint not yet on disk
+        record = {"format": STATE_FORMAT, "training": self.described["training"], "epoch": epoch,
+                  "best_dev_acc": progress.best_dev_acc, "best_epoch": progress.best_epoch,
+                  "history": progress.history, "scaler": self.scaler.state_dict(), "rng": rngs}
+        if self.runtime.shard:
+            save_sharded_state(self.files.state, record, self.model, self.optimizer, self.runtime)
+        elif self.runtime.is_main:
+            save_atomic({**record, "trainable": trainable_state(self.model), "optimizer": self.optimizer.state_dict()},
+                        self.files.state)
+        if self.runtime.is_main:
             write_text_atomic(self.files.metrics, "".join(json.dumps(entry) + "\n" for entry in progress.history))
         progress.last_epoch = epoch
+
+    def save_checkpoint(self, best_epoch: Optional[int]) -> None:
+        """The checkpoint at --filepath, whole: rank 0 writes it (gathered from every process's shards under
+        --fsdp, which every process takes part in)."""
+        if self.runtime.shard or self.runtime.is_main:
+            tensors = trainable_state(self.model)
+            if self.runtime.is_main:
+                save_checkpoint(tensors, self.described, self.progress.history, best_epoch, self.files.checkpoint)
 
 
 def accumulate_gradients(model: torch.nn.Module, token_ids: list[list[int]], labels: list[int], weights: list[float],
@@ -139,10 +170,12 @@ def accumulate_gradients(model: torch.nn.Module, token_ids: list[list[int]], lab
     if micro_batch is None and runtime.device.type != "cpu":
         micro_batch = len(token_ids)
     parts = micro_batches([len(t) for t in token_ids], micro_batch)
+    if runtime.shard:  # every process runs as many passes as the others: each gathers weights from all of them
+        parts = micro_batches([len(t) for t in token_ids], n_parts=runtime.largest(len(parts)))
     loss_sum = 0.0
     for n, part in enumerate(parts):
         last = n == len(parts) - 1
-        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
+        with Runtime.gradient_sync(model, last):
             tokens, lengths = pad_batch([token_ids[i] for i in part], pad_id)
             with runtime.autocast():
                 log_probs = model(tokens.to(runtime.device), lengths.to(runtime.device))
@@ -178,8 +211,8 @@ def fit(model: torch.nn.Module, train: Split, dev: Split, settings: Settings, pa
             stop.progress = "no epoch had finished, so nothing was saved; the same command starts again"
         raise
     history = training.progress.history
-    if training.progress.best_epoch is None and runtime.is_main:  # zero epochs: the untrained model is the best
-        save_checkpoint(model, described, history, None, training.files.checkpoint)
+    if training.progress.best_epoch is None:  # zero epochs: the untrained model is the best
+        training.save_checkpoint(None)
     if runtime.is_main and history:
         plot_curves(history, training.files.curves, os.path.basename(training.files.checkpoint))
     runtime.barrier()  # the checkpoint is on disk before any process reads it back

@@ -1,11 +1,15 @@
-"""torchrun with 2 CPU processes (gloo) trains like one process with the same global batch."""
+"""torchrun with 2 CPU processes (gloo) trains like one process with the same global batch, whether the processes
+replicate the model (DistributedDataParallel) or shard it (--fsdp), and a sharded run resumes after SIGTERM."""
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import run_llama
 from conftest import ROOT, STORIES260K, TOK512, asset
 
 
@@ -38,9 +42,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, option):
               "--tokenizer", asset(TOK512), *data, "--epochs", "2", "--lr", "2e-3", "--hidden_dropout_prob", "0",
               "--filepath", "model.pt"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    runs = {"single": [sys.executable, *common, "--batch_size", "16"],
-            "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    *common, "--batch_size", "8"]}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    runs = {"single": [sys.executable, *common, "--batch_size", "16"], "ddp": [*torchrun, *common, "--batch_size", "8"]}
+    if option == "finetune":
+        runs["fsdp"] = [*torchrun, *common, "--batch_size", "8", "--fsdp"]
     logs = {}
     for name, command in runs.items():
         folder = tmp_path / name
@@ -51,16 +56,83 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, option):
     assert "effective batch size 16" in logs["ddp"]
     assert logs["ddp"].count("dev acc ::") == logs["single"].count("dev acc ::")  # rank 0 alone prints
     mode = "lora" if option == "lora" else "finetuning"
-    for split in ("dev", "test"):
-        name = f"sst-{split}-{mode}-output.txt"
-        assert (tmp_path / "ddp" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
-    # After 2 epochs of AdamW the weights agree to float rounding; weighting each process's share by its own
-    # size instead moves them by about the learning rate (2e-3).
     single = torch.load(tmp_path / "single" / "model.pt")["trainable"]
-    ddp = torch.load(tmp_path / "ddp" / "model.pt")["trainable"]
-    assert single.keys() == ddp.keys()
-    for key in single:
-        torch.testing.assert_close(ddp[key], single[key], atol=2e-5, rtol=0, msg=key)
+    for name in runs.keys() - {"single"}:
+        for split in ("dev", "test"):
+            output = f"sst-{split}-{mode}-output.txt"
+            assert (tmp_path / name / output).read_bytes() == (tmp_path / "single" / output).read_bytes(), name
+        # After 2 epochs of AdamW the weights agree to float rounding; weighting each process's share by its own
+        # size instead moves them by about the learning rate (2e-3).
+        trained = torch.load(tmp_path / name / "model.pt")["trainable"]
+        assert single.keys() == trained.keys()
+        for key in single:
+            torch.testing.assert_close(trained[key], single[key], atol=2e-5, rtol=0, msg=f"{name} {key}")
+    if option == "finetune":  # the sharded run's checkpoint is a whole one: classify reads it in one process
+        assert run_llama.main(["--option", "classify", "--filepath", str(tmp_path / "fsdp" / "model.pt"), "--input",
+                               data[3], "--output", str(tmp_path / "classified.txt")]) == 0
+        assert (tmp_path / "classified.txt").read_bytes() == (tmp_path / "fsdp" / "sst-dev-finetuning-output.txt").read_bytes()
+        # each process keeps half of what a replica keeps (a row of a shard may be padding)
+        kept = {name: [float(x) for x in re.findall(r"= ([\d.]+) MB", logs[name])] for name in ("ddp", "fsdp")}
+        assert len(kept["fsdp"]) == 2 and all(f <= 0.55 * d for f, d in zip(kept["fsdp"], kept["ddp"])), kept
     # each process saved its own random-number states, for its own dropout masks after --resume
     rngs = torch.load(tmp_path / "ddp" / "model.pt.state")["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+
+
+# Runs run_llama.main under torchrun; every process sends itself SIGTERM at its n-th step of training, as torchrun
+# passes a SIGTERM on to all of them: a moment in the middle of an epoch, chosen exactly.
+SIGTERM_AT_STEP = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import run_llama, train
+nth, original, calls = int(sys.argv[1]), train.accumulate_gradients, []
+def counted(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == nth:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+train.accumulate_gradients = counted
+sys.exit(run_llama.main(sys.argv[2:]))
+"""
+
+
+def test_a_sharded_run_resumes_after_sigterm_mid_epoch_with_the_same_or_other_process_counts(tmp_path):
+    """48 examples in global batches of 16: 3 steps an epoch, so step 8 is in the middle of epoch 2."""
+    data = ["--train", subset(tmp_path, "train", 48), "--dev", subset(tmp_path, "dev", 40),
+            "--test", subset(tmp_path, "test", 20), "--label-names", asset("data/sst-label-mapping.json")]
+    flags = ["--option", "finetune", "--pretrained-model-path", asset(STORIES260K), "--tokenizer", asset(TOK512),
+             *data, "--epochs", "3", "--lr", "2e-3", "--hidden_dropout_prob", "0", "--filepath", "model.pt", "--fsdp"]
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGTERM_AT_STEP.format(root=ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+
+    def torchrun(folder, processes, *args):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               str(processes), *args], cwd=tmp_path / folder, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    whole = torchrun("whole", 2, os.path.join(ROOT, "run_llama.py"), *flags, "--batch_size", "8")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    stopped = torchrun("resumed", 2, str(driver), "8", *flags, "--batch_size", "8")
+    assert stopped.returncode != 0
+    assert "stopped by SIGTERM; epochs up to 1 are saved in model.pt.state" in stopped.stderr, stopped.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("model.pt*")) == [
+        "model.pt", "model.pt.state", "model.pt.state.shards-1"]  # epoch 0's shards went once epoch 1's were whole
+    shutil.copytree(tmp_path / "resumed", tmp_path / "four")
+
+    resumed = torchrun("resumed", 2, os.path.join(ROOT, "run_llama.py"), *flags, "--batch_size", "8", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from model.pt.state after epoch 1" in resumed.stdout
+    for split in ("dev", "test"):
+        name = f"sst-{split}-finetuning-output.txt"
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+    # the same state resumed by 4 processes with the same global batch: the same steps, summed in another order
+    four = torchrun("four", 4, os.path.join(ROOT, "run_llama.py"), *flags, "--batch_size", "4", "--resume")
+    assert four.returncode == 0, four.stderr[-2000:]
+    expected = torch.load(tmp_path / "whole" / "model.pt")["trainable"]
+    for key, tensor in torch.load(tmp_path / "four" / "model.pt")["trainable"].items():
+        torch.testing.assert_close(tensor, expected[key], atol=2e-5, rtol=0, msg=key)
+    refused = torchrun("four", 2, os.path.join(ROOT, "run_llama.py"), *flags, "--batch_size", "4", "--resume")
+    assert "the global batch (--batch_size x processes) 16 there, 8 here" in refused.stderr

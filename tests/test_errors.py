@@ -184,6 +184,8 @@ CASES = [
     ("data flags mixed", lambda d, a: a.unset("--train"), ["--train", "data/cfimdb-train.txt"]),
     ("default model missing", lambda d, a: a.unset("--pretrained-model-path"), ["stories42M.pt", "./setup.sh", "stories260K.pt"]),
     ("quantize int4", lambda d, a: (a.set("--option", "generate"), a.set("--quantize", "int4")), ["--quantize", "'int4'", "int8"]),
+    ("fsdp with lora", lambda d, a: a.add("--fsdp"), ["--fsdp", "--option finetune", "LoRA"]),
+    ("fsdp without torchrun", lambda d, a: (a.set("--option", "finetune"), a.add("--fsdp")), ["--fsdp", "torchrun --nproc_per_node"]),
     ("quantize with lora", lambda d, a: a.set("--quantize", "int8"), ["--quantize", "--option generate"]),
     ("quantize with finetune", lambda d, a: (a.set("--option", "finetune"), a.set("--quantize", "int8")), ["--quantize", "--option generate"]),
 ]
