@@ -123,7 +123,8 @@ def generate_rows(folder: str, new: int, threads: int) -> list[str]:
     """One row per way of generating: tok/s, peak memory, bytes read per token x tok/s."""
     matrices = matrix_weights()
     ours = [sys.executable, "run_llama.py", "--option", "generate", "--pretrained-model-path", folder, "--temperature",
-            "0", "--prompt", "Once upon a time", "--max_new_tokens", str(new + 1), "--generated_sentence_low_temp_out",
+            "0", "--prompt", "Once upon a time", "--max_new_tokens", str(new + 1), "--ignore_eos",
+            "--generated_sentence_low_temp_out",
             os.path.join(folder, "out.txt")]
     ways = [("transformers, bf16", 2, [sys.executable, "-c", TRANSFORMERS_GENERATE, folder, str(new), str(threads)]),
             ("ours, --dtype bf16 (fp16 products)", 2, ours + ["--dtype", "bf16"]),

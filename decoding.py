@@ -37,7 +37,7 @@ The token embeddings read their rows from the output matrix's new form when the 
 """
 import contextlib
 import time
-from typing import Collection, ContextManager, Iterator, Optional
+from typing import Collection, ContextManager, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -110,28 +110,35 @@ def fbgemm_fp16(device: torch.device) -> bool:
     return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (out, in) -> int8 q (out, in) and scale (out,) in bf16 with weight ~ scale[:, None] * q.
+def quantize_rows(weight: Union[torch.Tensor, list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (out, in), or matrices stacked by rows -> int8 q (out, in) and scale (out,) in bf16 with
+    weight ~ scale[:, None] * q.
 
     The scale is rounded to bf16 first, since that is how the CPU kernel reads it, and q is computed against
-    the rounded scale: the rounding then costs nothing beyond the half step. A block of rows at a time: the few
-    float temporaries of a block are all that converting adds to the weights."""
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
-    for rows in row_blocks(weight, BLOCK // 4):
-        block = weight[rows].detach().float()
-        scale[rows] = (block.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
-        q[rows] = torch.round(block / scale[rows].float()[:, None]).clamp(-127, 127).to(torch.int8)
+    the rounded scale: the rounding then costs nothing beyond the half step. A block of rows at a time, and stacked
+    matrices one by one: the few float temporaries of a block are all that converting adds to the weights."""
+    parts = weight if isinstance(weight, list) else [weight]
+    out_features, device = sum(part.shape[0] for part in parts), parts[0].device
+    q = torch.empty(out_features, parts[0].shape[1], dtype=torch.int8, device=device)
+    scale = torch.empty(out_features, dtype=torch.bfloat16, device=device)
+    start = 0
+    for part in parts:
+        for rows in row_blocks(part, BLOCK // 4):
+            block = part[rows].detach().float()
+            out = slice(start + rows.start, start + min(rows.stop, part.shape[0]))
+            scale[out] = (block.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+            q[out] = torch.round(block / scale[out].float()[:, None]).clamp(-127, 127).to(torch.int8)
+        start += part.shape[0]
     return q, scale
 
 
 class Int8Linear(nn.Module):
     """A bias-free linear layer for inference, its weight (out, in) in int8 with one scale per output row."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: Union[torch.Tensor, list[torch.Tensor]]):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
         q, scale = quantize_rows(weight)
+        self.out_features, self.in_features = q.shape
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale)
 
@@ -157,16 +164,16 @@ class Fp16Linear(nn.Module):
     run in fbgemm's kernel from a packed copy; `rows` keeps the plain half-precision matrix too, for an
     embedding table that reads it, and `products=False` keeps only that."""
 
-    def __init__(self, weight: torch.Tensor, rows: bool = False, products: bool = True):
+    def __init__(self, weight: Union[torch.Tensor, list[torch.Tensor]], rows: bool = False, products: bool = True):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        weight = weight.detach()
+        parts = [part.detach() for part in (weight if isinstance(weight, list) else [weight])]  # stacked by rows
+        self.out_features, self.in_features = sum(part.shape[0] for part in parts), parts[0].shape[1]
         self.packed = []  # one packed copy per block of rows: converting never holds more than a block in fp32
-        if products and fbgemm_fp16(weight.device):
-            self.packed = [torch.ops.quantized.linear_prepack_fp16(weight[block].half().float(), None)
-                           for block in row_blocks(weight)]
-        self.packed_bytes = 2 * weight.numel() if self.packed else 0
-        self.register_buffer("weight", weight.half() if rows or not self.packed else None)
+        if products and fbgemm_fp16(parts[0].device):
+            self.packed = [torch.ops.quantized.linear_prepack_fp16(part[block].half().float(), None)
+                           for part in parts for block in row_blocks(part)]
+        self.packed_bytes = 2 * self.out_features * self.in_features if self.packed else 0
+        self.register_buffer("weight", torch.cat([part.half() for part in parts]) if rows or not self.packed else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -183,15 +190,17 @@ class Fp16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16"
 
 
-def decoding_linear(weight: torch.Tensor, quantize: Optional[str], rows: bool = False,
+def decoding_linear(weight: Union[torch.Tensor, list[torch.Tensor]], quantize: Optional[str], rows: bool = False,
                     products: bool = True) -> nn.Module:
-    """The decoding form of a bias-free weight (out, in); rows/products say what it will be used for. A bf16
-    weight on the CPU is held in fp16 when it fits (see half_of_bf16)."""
+    """The decoding form of a bias-free weight (out, in), or of matrices stacked by rows (int8 and fp16 convert them
+    one by one, never their concatenation); rows/products say what it will be used for. A bf16 weight on the CPU is
+    held in fp16 when it fits (see half_of_bf16)."""
+    parts = weight if isinstance(weight, list) else [weight]
     if quantize == "int8":
-        return Int8Linear(weight)
-    if quantize == "fp16" or half_of_bf16(weight):
-        return Fp16Linear(weight, rows=rows, products=products)
-    return TransposedLinear(weight)
+        return Int8Linear(parts)
+    if quantize == "fp16" or all(half_of_bf16(part) for part in parts):
+        return Fp16Linear(parts, rows=rows, products=products)
+    return TransposedLinear(torch.cat(parts) if len(parts) > 1 else parts[0])
 
 
 def half_of_bf16(weight: torch.Tensor) -> bool:
@@ -216,7 +225,8 @@ class TableEmbedding(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """A LlamaLayer for inference: its weights in a decoding form, wq|wk|wv and w1|w3 each one matrix."""
+    """A LlamaLayer for inference: its weights in a decoding form, wq|wk|wv and w1|w3 each one matrix. It takes
+    the matrices out of the layer it is made from."""
 
     def __init__(self, layer: LlamaLayer, config: LlamaConfig, quantize: Optional[str], eps: torch.Tensor):
         super().__init__()
@@ -229,11 +239,18 @@ class DecoderLayer(nn.Module):
         # quantized from the exact fp32 product, so the same from a bf16 copy as from an fp32 one; else rounded once
         # to the precision the weights are held in
         held = torch.float32 if quantize else attention.wq.weight.dtype
-        self.wqkv = decoding_linear(torch.cat([query_weight.to(held), attention.wk.weight.to(held),
-                                               attention.wv.weight.to(held)]), quantize)
+        self.wqkv = decoding_linear([query_weight.to(held), attention.wk.weight.to(held), attention.wv.weight.to(held)],
+                                    quantize)
+        # the layer gives up each matrix once converted: its bytes (a file's pages, a copy) leave memory before the
+        # next matrix is made, so that converting holds one matrix more than the converted weights, not a layer
+        del query_weight
+        attention.wq = attention.wk = attention.wv = None
         self.wo = decoding_linear(attention.wo.weight, quantize)
-        self.w13 = decoding_linear(torch.cat([feed_forward.w1.weight, feed_forward.w3.weight]), quantize)
+        attention.wo = None
+        self.w13 = decoding_linear([feed_forward.w1.weight, feed_forward.w3.weight], quantize)
+        feed_forward.w1 = feed_forward.w3 = None
         self.w2 = decoding_linear(feed_forward.w2.weight, quantize)
+        feed_forward.w2 = None
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, cache: Optional[KVCache],
                 start_pos: int) -> torch.Tensor:
@@ -281,19 +298,20 @@ class Decoder(nn.Module, Generation):
         tied = model.tied_embeddings
         self.norm = model.norm.weight
         self.eps = torch.tensor(model.config.norm_eps, device=self.norm.device)  # one tensor for every norm
+        # the tables first: loading read them (to tell tied ones from untied), so they are already in memory
+        self.output = decoding_linear(model.output.weight, quantize, rows=tied)
+        model.output = nn.Identity()
+        table = self.output if tied else decoding_linear(model.tok_embeddings.weight, quantize, rows=True,
+                                                         products=False)
+        model.tok_embeddings = nn.Identity()
+        self.tok_embeddings = TableEmbedding(table)
+        return_free_memory()
         self.layers = nn.ModuleList()
         for i in range(len(model.layers)):
             layer, model.layers[i] = model.layers[i], nn.Identity()  # each float layer is freed once converted
             self.layers.append(DecoderLayer(layer, model.config, quantize, self.eps))
             del layer
             return_free_memory()  # else the temporaries freed here add up to the peak (see utils)
-        self.output = decoding_linear(model.output.weight, quantize, rows=tied)
-        model.output = nn.Identity()
-        table = self.output if tied else decoding_linear(model.tok_embeddings.weight, quantize, rows=True,
-                                                         products=False)
-        model.tok_embeddings = nn.Identity()
-        return_free_memory()
-        self.tok_embeddings = TableEmbedding(table)
         self.freqs_cis = model.freqs_cis  # (max_seq_len, head_dim // 2) complex64, where the weights are
         self.identity = torch.ones(1, model.config.n_kv_heads, model.config.head_dim // 2, dtype=self.freqs_cis.dtype,
                                    device=self.freqs_cis.device)

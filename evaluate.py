@@ -2,7 +2,6 @@
 from typing import Optional
 
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from data import Split, make_batches, pad_batch
 from datafiles import write_examples
@@ -28,6 +27,8 @@ def predict(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, 
 
 def metrics(labels: list[int], predictions: list[int]) -> tuple[float, float]:
     """Accuracy and macro-F1."""
+    # imported here: scikit-learn adds about 80 MB to a process, which generate would carry to its peak
+    from sklearn.metrics import accuracy_score, f1_score
     return accuracy_score(labels, predictions), f1_score(labels, predictions, average="macro")
 
 
@@ -39,6 +40,7 @@ def print_metrics(split: Split, predictions: list[int], label_names: list[str], 
                 f"file, this accuracy means nothing)")
     print(f"{split.name} acc :: {acc:.3f}  macro-F1 :: {f1:.3f}{note}")
     if confusion:
+        from sklearn.metrics import confusion_matrix
         matrix = confusion_matrix(split.labels, predictions, labels=range(len(label_names)))
         width = max(8, *(len(name) + 1 for name in label_names))
         print(f"{split.name} confusion matrix (rows: true label, columns: predicted)")

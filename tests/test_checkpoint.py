@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from checkpoint import differences, load_trainable, rng_state, set_rng_state, weights_fingerprint
+from checkpoint import differences, load_trainable, resume_differences, rng_state, set_rng_state, weights_fingerprint
 from conftest import STORIES260K, asset
 from llama import load_pretrained
 from test_cli import fails
@@ -42,6 +42,15 @@ def test_differences_name_the_flags_and_compare_files_by_content():
     other = {"--lr": 0.002, "--train": {"path": "/a/cfimdb-train.txt", "fingerprint": "f2"}, "--epochs": 3}
     assert differences(saved, other) == ["--lr 0.001 there, 0.002 here",
                                          "--train /a/sst-train.txt there, /a/cfimdb-train.txt here"]
+
+
+def test_a_resumed_run_may_change_its_processes_only_with_the_global_batch():
+    saved = {"--lr": 0.01, "--batch_size": 8, "processes": 2, "--epochs": 3}
+    assert resume_differences(saved, {**saved, "--epochs": 5}) == []
+    assert resume_differences(saved, {**saved, "--batch_size": 4, "processes": 4}) == []
+    assert resume_differences(saved, {**saved, "--batch_size": 4}) == [
+        "the global batch (--batch_size x processes) 16 there, 8 here"]
+    assert resume_differences(saved, {**saved, "--lr": 0.02}) == ["--lr 0.01 there, 0.02 here"]
 
 
 def test_random_states_survive_a_weights_only_round_trip(tmp_path):

@@ -97,9 +97,9 @@ sys.exit(run_llama.main(sys.argv[2:]))
 
 
 def test_a_sharded_run_resumes_after_sigterm_mid_epoch_with_the_same_or_other_process_counts(tmp_path):
-    """48 examples in global batches of 16: 3 steps an epoch, so step 8 is in the middle of epoch 2."""
-    data = ["--train", subset(tmp_path, "train", 48), "--dev", subset(tmp_path, "dev", 40),
-            "--test", subset(tmp_path, "test", 20), "--label-names", asset("data/sst-label-mapping.json")]
+    """32 examples in global batches of 16: 2 steps an epoch, so step 6 is in the middle of epoch 2."""
+    data = ["--train", subset(tmp_path, "train", 32), "--dev", subset(tmp_path, "dev", 24),
+            "--test", subset(tmp_path, "test", 12), "--label-names", asset("data/sst-label-mapping.json")]
     flags = ["--option", "finetune", "--pretrained-model-path", asset(STORIES260K), "--tokenizer", asset(TOK512),
              *data, "--epochs", "3", "--lr", "2e-3", "--hidden_dropout_prob", "0", "--filepath", "model.pt", "--fsdp"]
     driver = tmp_path / "driver.py"
@@ -114,7 +114,7 @@ def test_a_sharded_run_resumes_after_sigterm_mid_epoch_with_the_same_or_other_pr
 
     whole = torchrun("whole", 2, os.path.join(ROOT, "run_llama.py"), *flags, "--batch_size", "8")
     assert whole.returncode == 0, whole.stderr[-2000:]
-    stopped = torchrun("resumed", 2, str(driver), "8", *flags, "--batch_size", "8")
+    stopped = torchrun("resumed", 2, str(driver), "6", *flags, "--batch_size", "8")
     assert stopped.returncode != 0
     assert "stopped by SIGTERM; epochs up to 1 are saved in model.pt.state" in stopped.stderr, stopped.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "resumed").glob("model.pt*")) == [
@@ -134,5 +134,3 @@ def test_a_sharded_run_resumes_after_sigterm_mid_epoch_with_the_same_or_other_pr
     expected = torch.load(tmp_path / "whole" / "model.pt")["trainable"]
     for key, tensor in torch.load(tmp_path / "four" / "model.pt")["trainable"].items():
         torch.testing.assert_close(tensor, expected[key], atol=2e-5, rtol=0, msg=key)
-    refused = torchrun("four", 2, os.path.join(ROOT, "run_llama.py"), *flags, "--batch_size", "4", "--resume")
-    assert "the global batch (--batch_size x processes) 16 there, 8 here" in refused.stderr
