@@ -190,6 +190,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if settings.option != "export":  # classify's stdout holds its results alone
                 print(f"wall time {time.perf_counter() - start:.0f} s, {runtime.peak_memory()}",
                       file=sys.stderr if settings.option == "classify" else sys.stdout)
+            runtime.barrier()  # no process tears its connections down while another still uses them
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -183,7 +183,7 @@ def test_loading_a_folder_holds_the_weights_once_in_the_run_s_precision(tmp_path
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path), dtype], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert float(result.stdout) < 1.8, result.stdout  # 1.4 here in fp32; copying into new parameters: 2.4
+    assert float(result.stdout) < 2.0, result.stdout  # 1.4 in fp32, 1.7-1.8 in bf16; copying into new ones: 2.4
 
 
 def test_a_folder_with_only_tokenizer_json_runs_and_exports_it(hf_folders, tmp_path):
