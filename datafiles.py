@@ -35,6 +35,11 @@ def file_format(path: str) -> str:
     return extension[1:] if extension in (".jsonl", *TABLE_DELIMITERS) else "txt"
 
 
+def require_data_file(flag: str, path: str) -> None:
+    """A readable data file; a missing one of data/ is fetched by setup.sh, any other is the user's to fix."""
+    require_file(flag, path, "run ./setup.sh to fetch the data" if path.startswith("data/") else "fix the path")
+
+
 def read_lines(path: str, flag: str) -> list[str]:
     """The lines of a UTF-8 text file (or of standard input for "-"), without a byte-order mark. Lines end at
     \n or \r\n only: a lone \r inside a line is part of it, as a text editor that shows one line sees it."""
@@ -43,7 +48,7 @@ def read_lines(path: str, flag: str) -> list[str]:
             raise UsageError(f"{flag} -: standard input is closed; pipe the sentences in, or pass a file")
         raw = sys.stdin.buffer.read()
     else:
-        require_file(flag, path, "run ./setup.sh to fetch the data" if path.startswith("data/") else "fix the path")
+        require_data_file(flag, path)
         with open(path, "rb") as f:
             raw = f.read()
     raw = raw.removeprefix(codecs.BOM_UTF8)  # Notepad writes one
@@ -155,7 +160,7 @@ def _table_records(lines: list[str], path: str, where: Any, fields: Fields, labe
 
 def read_label_names(path: str) -> list[str]:
     """The label-mapping JSON: a list of distinct names, the i-th naming label i."""
-    require_file("--label-names", path, "run ./setup.sh to fetch the data" if path.startswith("data/") else "fix the path")
+    require_data_file("--label-names", path)
     try:
         with open(path, encoding="utf-8-sig") as f:
             names = json.load(f)

@@ -17,7 +17,7 @@ from llama import Llama
 from lora import is_adapter
 from settings import Settings
 from tokenizer import Tokenizer
-from utils import UsageError, fsync_folder, signals_deferred
+from utils import UsageError, fsync_folder, nearest_existing, signals_deferred
 
 EXPORT_MARK = "minllama2-export.json"  # what an export holds; a folder with it may be replaced by the next export
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names
@@ -32,9 +32,7 @@ def check_export_folder(out_dir: str, overwrite: bool) -> None:
             and not os.path.isfile(os.path.join(out_dir, EXPORT_MARK)):
         raise UsageError(f"--output {out_dir}: a folder with files that no export wrote; pass --overwrite to "
                          f"replace it, or choose another --output")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    while not os.path.exists(parent):  # missing folders are made when the run starts (utils.held_outputs)
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(os.path.dirname(os.path.abspath(out_dir)))  # the rest is made at the start (held_outputs)
     if not os.path.isdir(parent):
         raise UsageError(f"--output {out_dir}: {parent} is a file, so no folder can be made there; choose another "
                          f"--output")

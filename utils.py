@@ -88,6 +88,14 @@ def state_file_message(flag: str, path: str) -> str:
             f"--filepath){beside}")
 
 
+def nearest_existing(path: str) -> str:
+    """path, or the nearest folder above it that exists: where the missing folders of an output will be made."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check_outputs(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]]) -> None:
     """Before any work: every output (flag, path) can be written (its folder, or the nearest one that exists, to
     be made by held_outputs), is not a folder, is no input of the run and is not another output of it; otherwise a
@@ -102,9 +110,7 @@ def check_outputs(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]])
         folder = os.path.dirname(real)
         if os.path.isdir(real):
             raise UsageError(f"{flag} {path}: is a folder; name a file, e.g. {os.path.join(path, 'out.txt')}")
-        existing = folder
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
+        existing = nearest_existing(folder)
         if not os.path.isdir(existing):
             raise UsageError(f"{flag} {path}: {existing} is a file, so no folder can be made there; pick another path")
         if not os.access(existing, os.W_OK):
