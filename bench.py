@@ -24,7 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Callable, ContextManager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,14 +51,14 @@ from utils import ArgumentParser, UsageError, exit_status, require_extra, requir
 # ---------------------------------------------------------------------------------------------------------
 # Measuring
 
-def precision(args: argparse.Namespace) -> ContextManager:
-    return Runtime(torch.device("cpu"), DTYPES[args.dtype]).autocast()
+def precision(args: argparse.Namespace) -> Runtime:
+    return Runtime(torch.device("cpu"), DTYPES[args.dtype])
 
 
 def optimize(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], args: argparse.Namespace) -> None:
     """One training step; the forward pass under --dtype's autocast, the backward pass outside, as torch advises."""
     optimizer.zero_grad(set_to_none=True)
-    with precision(args):
+    with precision(args).autocast():
         loss = loss_fn()
     loss.backward()
     optimizer.step()
@@ -248,7 +248,7 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
                      prompt_suffix=zero_shot.prompt_suffix, label_room=zero_shot.label_room)
     dev = Split(dev.name, dev.labels[:n], dev.sentences[:n], dev.token_ids[:n])
     ours_s = seconds_once(lambda: predict(zero_shot, dev, 80, tokenizer.pad_id, cpu))
-    with precision(args):
+    with precision(args).autocast():
         theirs_s = seconds_once(lambda: transformers_zero_shot(theirs, dev, label_ids))
     rows.append((f"zero-shot SST dev ({len(dev.labels)} ex), s (lower is better)", ours_s, theirs_s, "once"))
     return rows

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import LlamaConfig
+from kernels import BLOCK, row_blocks
 from llama import Generation, KVCache, Llama, LlamaLayer, attention_mask
 from utils import return_free_memory
 
@@ -94,15 +95,6 @@ class TransposedLinear(nn.Module):
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows of the (out, in) weight, as an embedding table reads them."""
         return self.weight_t.t()[indices]
-
-
-BLOCK = 1 << 24  # elements of a weight converted at a time: what converting adds to the weights is 64 MB of fp32
-
-
-def row_blocks(weight: torch.Tensor, elements: int = BLOCK) -> list[slice]:
-    """The weight's rows in blocks of at most `elements` (BLOCK: one block for every matrix of stories42M)."""
-    rows = max(1, elements // weight.shape[1])
-    return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
 
 
 def fbgemm_fp16(device: torch.device) -> bool:

@@ -5,7 +5,8 @@ Hugging Face folders.
 Parameter names are llama2.c's (wq, wk, wv, wo, w1, w2, w3, ...), so its checkpoints load as they are.
 """
 from collections.abc import Mapping
-from typing import Any, Iterator, Optional, Tuple
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -257,8 +258,24 @@ class Llama(LlamaPreTrainedModel, Generation):
         """One layer's output. With gradient_checkpointing while training, its activations are not kept for the
         backward pass but recomputed there, one layer at a time (the same dropout masks: the RNG is replayed)."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, *inputs, use_reentrant=False)
+            return checkpoint(layer, *inputs, use_reentrant=False, context_fn=same_function_modes)
         return layer(*inputs)
+
+
+def same_function_modes() -> tuple[ContextManager, ContextManager]:
+    """Checkpointing's contexts: its second forward pass runs inside the backward pass, where PyTorch leaves the
+    function modes behind (runtime.Bf16ProductsInFp32Kernels is one); it enters those the first pass ran under, or
+    each product would save other tensors for the backward pass than the first did."""
+    modes = torch.overrides._get_current_function_mode_stack()
+
+    @contextmanager
+    def entered() -> Iterator[None]:
+        with ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
+            yield
+
+    return nullcontext(), entered()
 
 
 def attention_mask(seqlen: int, start_pos: int, padding_mask: Optional[torch.Tensor], causal: bool,

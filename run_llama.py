@@ -63,7 +63,7 @@ def generate(settings: Settings, runtime: Runtime) -> None:
     # llama2.c's models start each story with <s> and never saw </s>: either token ends the story
     stop_ids = {tokenizer.bos_id, tokenizer.eos_id} if generation.stop_at_eos else set()
     for run in generation.runs:
-        with runtime.autocast():
+        with runtime.autocast(linear_layers=False):
             out, n_decoded, seconds, ended = timed_generation(llama, idx, generation.max_new_tokens, run.temperature,
                                                               generation.top_k, generation.top_p, stop_ids)
         n_new = out.shape[1] - idx.shape[1]

@@ -6,7 +6,7 @@ import os
 import random
 import signal
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, ContextManager, Iterable, Iterator, Optional
 
 import numpy as np
@@ -16,6 +16,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from kernels import Bf16ProductsInFp32Kernels
 from utils import UsageError
 
 
@@ -96,8 +97,23 @@ class Runtime:
         return (f"peak {'GPU ' * gpu}memory {', '.join(f'{peak:.2f}' for peak in peaks)} GB"
                 + (f" (processes 0-{self.world_size - 1})" if self.world_size > 1 else ""))
 
-    def autocast(self) -> ContextManager:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+    @property
+    def bf16_in_fp32_kernels(self) -> bool:
+        """Whether this run's bf16 products take fp32 kernels: on a CPU without bf16 instructions (kernels.py)."""
+        return self.amp_dtype == torch.bfloat16 and self.device.type == "cpu" and not cpu_has_bf16_matmul()
+
+    def autocast(self, linear_layers: bool = True) -> ContextManager:
+        """Around a forward pass: products in the run's precision. linear_layers: the pass runs nn.Linear layers (a
+        Llama's, not decoding.Decoder's), whose frozen bf16 weights then multiply in fp32 kernels where the CPU has no
+        bf16 instructions (kernels.py; the backward pass keeps the kernels its products chose). Elsewhere that
+        would only slow each operation down (a Python call for each, to see whether it is such a product)."""
+        if not self.amp_dtype:
+            return nullcontext()
+        stack = ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=self.amp_dtype))
+        if linear_layers and self.bf16_in_fp32_kernels:
+            stack.enter_context(Bf16ProductsInFp32Kernels())
+        return stack
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -204,7 +220,12 @@ def resolve_dtype(dtype: str, stored: Optional[str], source: str, device: torch.
         native = stored == "bf16" and cpu_has_bf16_matmul()
     if native:
         return stored
-    why = "needs a GPU" if stored == "fp16" and device.type == "cpu" else f"is slow on this {device.type.upper()}"
+    if device.type != "cpu":
+        why = f"is slow on this {device.type.upper()}"
+    elif stored == "fp16":
+        why = "needs a GPU"
+    else:  # bf16 runs here too, its products in fp32 kernels (kernels.py), in half the memory
+        why = "this CPU has no instructions for; --dtype bf16 holds the weights in half the memory"
     print(f"note: {source} {stored}, which {why}; running in fp32 (--dtype sets it)", file=sys.stderr)
     return "fp32"
 
@@ -214,8 +235,8 @@ def amp_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
     if dtype == "fp16" and device.type == "cpu":
         raise UsageError("--dtype fp16 needs --use_gpu; on a CPU use bf16 or fp32")
     if dtype == "bf16" and device.type == "cpu" and not cpu_has_bf16_matmul():
-        print("warning: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so --dtype bf16 runs "
-              "slower than fp32 here; it still computes the same thing", file=sys.stderr)
+        print("note: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX); --dtype bf16 holds the weights "
+              "in bf16 and multiplies them in fp32 kernels here, to the same results", file=sys.stderr)
     return DTYPES[dtype]
 
 

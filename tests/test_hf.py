@@ -259,8 +259,25 @@ def test_a_bf16_base_trains_fp32_adapters_and_classifies_in_any_precision(bf16_f
     monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
     run(["--option", "generate", "--pretrained-model-path", folder, "--max_new_tokens", "5"], tmp_path)
     captured = capsys.readouterr()
-    assert "is stored in bf16, which is slow on this CPU; running in fp32" in captured.err
+    assert ("is stored in bf16, which this CPU has no instructions for; --dtype bf16 holds the weights in half the "
+            "memory; running in fp32") in captured.err
     assert "parameters, float32)" in captured.out
+
+
+def test_bf16_lora_on_a_cpu_without_bf16_instructions_takes_fp32_kernels_and_classifies_as_it_trained(
+        bf16_folder, tmp_path, sst_subset, monkeypatch, capsys):  # noqa: F811
+    """The products of the frozen bf16 base run in fp32 kernels (kernels.py) in training and in classify, and the
+    trained adapters stay apart from the bf16 weights (merged, they would round away), so classify of the checkpoint
+    gives the predictions the run wrote."""
+    import runtime
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
+    run(["--option", "lora", "--pretrained-model-path", str(bf16_folder[1]), *sst_subset, "--epochs", "2", "--lr",
+         "1e-2", "--dtype", "bf16", "--filepath", "lora.pt"], tmp_path)
+    captured = capsys.readouterr()
+    assert "multiplies them in fp32 kernels here" in captured.err and "parameters, bfloat16)" in captured.out
+    run(["--option", "classify", "--filepath", "lora.pt", "--input", sst_subset[3], "--output", "again.txt",
+         "--dtype", "bf16"], tmp_path)  # auto would run it in fp32 on such a CPU
+    assert (tmp_path / "again.txt").read_bytes() == (tmp_path / "sst-dev-lora-output.txt").read_bytes()
 
 
 def test_quantized_generation_reads_a_bf16_folder_as_stored_whatever_the_run_s_precision(bf16_folder, tmp_path,

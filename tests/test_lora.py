@@ -5,7 +5,8 @@ import torch
 
 from conftest import STORIES260K, asset
 from llama import Llama, load_pretrained
-from lora import ALL_TARGETS, LoRALinear, inject_lora, is_adapter, lora_state_dict, merge_lora, unmerge_lora
+from lora import (ALL_TARGETS, LoRALinear, inject_lora, is_adapter, lora_layers, lora_state_dict, merge_lora,
+                  unmerge_lora)
 from hf import to_rotate_half
 from transformers_oracle import to_transformers
 
@@ -63,6 +64,21 @@ def test_merge_and_unmerge(tiny_model):
         unmerge_lora(tiny_model)
     assert torch.allclose(merged, unmerged, atol=1e-5)
     assert torch.allclose(tiny_model.layers[0].attention.wq.weight, base_wq, atol=1e-6)
+
+
+def test_adapters_on_16_bit_weights_stay_apart_so_that_no_update_is_rounded_away(tiny_model):
+    tiny_model.to(torch.bfloat16)
+    base_wq = tiny_model.layers[0].attention.wq.weight.detach().clone()
+    inject_lora(tiny_model, ("wq", "wv"), rank=4, alpha=1.0)
+    for layer in lora_layers(tiny_model):  # an update the size lr 1e-4 makes: below the bf16 weights' step
+        torch.nn.init.normal_(layer.lora_B, std=1e-4)
+    tokens = torch.randint(0, 97, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as a --dtype bf16 run computes
+        unmerged, _ = tiny_model(tokens, all_logits=True)
+        merge_lora(tiny_model)
+        after, _ = tiny_model(tokens, all_logits=True)
+    assert torch.equal(after, unmerged)
+    assert torch.equal(tiny_model.layers[0].attention.wq.weight, base_wq)
 
 
 def test_only_adapters_train_and_the_checkpoint_names_stay():

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import runtime
 from runtime import Interrupted, Runtime, amp_dtype, get_device, signals_interrupt
@@ -78,4 +79,18 @@ def test_auto_precision_follows_the_stored_one_where_the_device_multiplies_it(mo
     assert "note: m is stored in fp16, which needs a GPU; running in fp32" in capsys.readouterr().err
     monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
     assert resolve_dtype("auto", "bf16", "m is stored in", cpu) == "fp32"
-    assert "m is stored in bf16, which is slow on this CPU; running in fp32" in capsys.readouterr().err
+    assert ("m is stored in bf16, which this CPU has no instructions for; --dtype bf16 holds the weights in half "
+            "the memory; running in fp32") in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_bf16_run_takes_fp32_kernels_on_a_cpu_without_bf16_instructions_only(native, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: native)
+    bf16, fp32 = Runtime(torch.device("cpu"), torch.bfloat16), Runtime(torch.device("cpu"))
+    x, weight = torch.randn(2, 8, requires_grad=True), torch.randn(4, 8).bfloat16()
+    with bf16.autocast():
+        out = F.linear(x, weight)
+        assert torch.is_autocast_enabled("cpu")
+    assert (out.grad_fn.name() == "Bf16ProductBackward") == (not native) and out.dtype == torch.bfloat16
+    assert bf16.bf16_in_fp32_kernels == (not native) and not fp32.bf16_in_fp32_kernels

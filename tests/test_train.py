@@ -115,3 +115,34 @@ def test_micro_batches_give_the_gradient_of_the_whole_padded_batch():
     assert first_ten == pytest.approx(losses[0], rel=1e-6)  # the filler copy weighs nothing
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_bf16_lora_step_in_fp32_kernels_gives_the_bf16_kernels_gradients_with_or_without_checkpointing(monkeypatch):
+    """On a CPU without bf16 instructions a bf16 run's products with the frozen weights take fp32 kernels
+    (runtime.Bf16ProductsInFp32Kernels), in the backward pass too, and in gradient checkpointing's second forward."""
+    import runtime as runtime_module
+
+    torch.manual_seed(0)
+    model = build_classifier(Llama(tiny_config()).to(torch.bfloat16), 2, hidden_dropout_prob=0.0,
+                             lora=LoRASettings(4, 8.0, 0.0, ("wq", "wv", "w2")))
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.1)  # else the adapters' A get no gradient
+    task, runtime = first_token_task(6, seed=2), Runtime(torch.device("cpu"), torch.bfloat16)
+
+    def step(native: bool, checkpointing: bool) -> tuple[float, dict]:
+        monkeypatch.setattr(runtime_module, "cpu_has_bf16_matmul", lambda: native)
+        model.llama.gradient_checkpointing = checkpointing
+        model.train().zero_grad(set_to_none=True)
+        loss = accumulate_gradients(model, task.token_ids, task.labels, [1.0] * 6, 1 / 6, 0, 3, runtime)
+        return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    native_loss, native_grads = step(native=True, checkpointing=False)
+    loss, grads = step(native=False, checkpointing=False)
+    assert loss == pytest.approx(native_loss, rel=1e-2)
+    for name, grad in grads.items():  # bf16 activations through two layers: a few bf16 steps apart
+        torch.testing.assert_close(grad, native_grads[name], rtol=0.05, atol=1e-3, msg=name)
+    checkpointed_loss, checkpointed = step(native=False, checkpointing=True)
+    assert checkpointed_loss == loss
+    for name, grad in checkpointed.items():
+        assert torch.equal(grad, grads[name]), name
