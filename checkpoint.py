@@ -13,16 +13,13 @@ import os
 import random
 import shlex
 import shutil
+import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
-from torch.distributed.tensor import DTensor
 
 from classifier import LlamaEmbeddingClassifier, build_classifier
 from llama import Llama, load_pretrained, stored_weights
@@ -143,6 +140,8 @@ def load_trainable(model: nn.Module, tensors: Any, path: str) -> None:
                          f"was it written with other flags or another base model?")
     try:
         if is_sharded(model):  # every process read the whole tensors; each keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
             set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             model.load_state_dict(tensors, strict=False)
@@ -300,6 +299,13 @@ def check_run_files(settings: Settings, record: dict) -> Optional[dict]:
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP sharded the model: its parameters are then DTensors. PyTorch's distributed tensors, and the
+    distributed checkpoint's functions that stand on them, are imported only where FSDP has imported them: they add
+    40 MB to a process."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
@@ -308,6 +314,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     every process must ask (the shards are gathered) and rank 0 gets the whole tensors, in CPU memory."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {name: whole[name] for name in names if name in whole}
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -327,6 +335,9 @@ def save_sharded_state(path: str, record: dict, model: nn.Module, optimizer: tor
     (torch.distributed.checkpoint) into <path>.shards-<epoch>, then rank 0 writes the file at path, the record
     that names them, and removes the shards of earlier epochs. The file is replaced last and atomically, so a
     crash at any moment leaves the previous state whole. A state can be read back by any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     shards = f"{path}.shards-{record['epoch']}"
     if runtime.is_main and os.path.exists(shards):
         shutil.rmtree(shards)  # an attempt that a crash cut short
@@ -343,6 +354,9 @@ def save_sharded_state(path: str, record: dict, model: nn.Module, optimizer: tor
 
 def load_sharded_state(path: str, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load what save_sharded_state wrote into a model sharded across this run's processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     shards = os.path.join(os.path.dirname(os.path.abspath(path)), state["shards"])
     if not os.path.isdir(shards):
         raise UsageError(f"--resume {path}: its shards {shards} are missing; delete {path} and train again")

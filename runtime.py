@@ -12,7 +12,6 @@ from typing import Any, ContextManager, Iterable, Iterator, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -137,6 +136,9 @@ class Runtime:
             return model
         if not self.shard:
             return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # imported here: PyTorch's distributed tensors, on which FSDP2 stands, add 40 MB to a process
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
         with torch.no_grad():  # rank 0's weights everywhere, as DistributedDataParallel starts: the head is drawn
             for tensor in model.state_dict().values():  # from each process's own seed
                 torch.distributed.broadcast(tensor, src=0)
@@ -146,12 +148,12 @@ class Runtime:
         fully_shard(model, mp_policy=policy)
         return model
 
-    @staticmethod
-    def gradient_sync(model: nn.Module, last: bool) -> ContextManager:
-        """Around one micro-batch's backward pass: the processes combine the gradients after the last one only."""
+    def gradient_sync(self, model: nn.Module, last: bool) -> ContextManager:
+        """Around one micro-batch's backward pass of what parallel() made: the processes combine the gradients after
+        the last one only."""
         if isinstance(model, DistributedDataParallel) and not last:
             return model.no_sync()
-        if isinstance(model, FSDPModule):
+        if self.shard and self.world_size > 1:
             model.set_requires_gradient_sync(last)
         return nullcontext()
 

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from checkpoint import (STATE_FORMAT, load_sharded_state, load_trainable, rng_state, save_checkpoint,
                         save_sharded_state, set_rng_state, trainable_state)
@@ -105,7 +104,7 @@ class Training:
     def report_memory(self) -> None:
         """What each process keeps for the weights, their gradients and AdamW's moments (its shards under --fsdp)."""
         def megabytes(tensors: Iterable[torch.Tensor]) -> float:
-            local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+            local = [t.to_local() for t in tensors] if self.runtime.shard else list(tensors)  # DTensors: the shard
             return sum(t.numel() * t.element_size() for t in local) / 1e6
 
         params = list(self.model.parameters())
@@ -175,7 +174,7 @@ def accumulate_gradients(model: torch.nn.Module, token_ids: list[list[int]], lab
     loss_sum = 0.0
     for n, part in enumerate(parts):
         last = n == len(parts) - 1
-        with Runtime.gradient_sync(model, last):
+        with runtime.gradient_sync(model, last):
             tokens, lengths = pad_batch([token_ids[i] for i in part], pad_id)
             with runtime.autocast():
                 log_probs = model(tokens.to(runtime.device), lengths.to(runtime.device))
