@@ -264,7 +264,7 @@ class Llama(LlamaPreTrainedModel, Generation):
 
 def same_function_modes() -> tuple[ContextManager, ContextManager]:
     """Checkpointing's contexts: its second forward pass runs inside the backward pass, where PyTorch leaves the
-    function modes behind (runtime.Bf16ProductsInFp32Kernels is one); it enters those the first pass ran under, or
+    function modes behind (kernels.Bf16ProductsInFp32Kernels is one); it enters those the first pass ran under, or
     each product would save other tensors for the backward pass than the first did."""
     modes = torch.overrides._get_current_function_mode_stack()
 
