@@ -216,8 +216,7 @@ def bench_sst(args: argparse.Namespace) -> list[tuple]:
         opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         for indices in make_batches(lengths, 80, shuffle=True, generator=generator):
             opt.zero_grad(set_to_none=True)
-            accumulate_gradients(model, [train.token_ids[i] for i in indices], [train.labels[i] for i in indices],
-                                 [1.0] * len(indices), 1 / len(indices), tokenizer.pad_id,
+            accumulate_gradients(model, train, indices, [1.0] * len(indices), 1 / len(indices), tokenizer.pad_id,
                                  args.micro_batch_size, cpu)
             opt.step()
 

@@ -1,6 +1,6 @@
-"""What training leaves behind and reads back: the classifier checkpoint at --filepath, which describes itself
-(base model, tokenizer, labels, LoRA settings, training flags, history) so that `--option classify` can rebuild
-it, and the training state at <filepath>.state for --resume; the record of a run that tells its files from
+"""What training leaves behind and reads back: the checkpoint at --filepath, which describes itself (task, base model,
+tokenizer, labels or prompt template, LoRA settings, training flags, history) so that `--option classify` (or
+generate, perplexity and export, of a language model) can rebuild it, and the training state at <filepath>.state for --resume; the record of a run that tells its files from
 another run's.
 
 Both files hold tensors and plain values only and load with weights_only=True: no code runs from a file.
@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from classifier import LlamaEmbeddingClassifier, build_classifier
+from causal_lm import build_language_model
+from classifier import build_classifier
 from llama import Llama, load_pretrained, stored_weights
+from lmdata import ALPACA_TEMPLATE
 from lora import ALL_TARGETS, merge_lora
 from runtime import DTYPES, Runtime
 from settings import CHECKPOINT_FORMAT, DEFAULT_MODEL, STATE_FORMAT, LoRASettings, Settings
@@ -53,15 +55,16 @@ _FIELDS = {
         "trainable": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
         **{f"base_model.{key}": check for key, check in _FILE.items()}, "base_model.model_args": _kind(dict),
         **{f"tokenizer.{key}": check for key, check in _FILE.items()},
-        "label_names": _strings(), "history": _kind(list),
-        "hidden_dropout_prob": lambda v: _kind(float, int)(v) and 0 <= v < 1,
+        "task": lambda v: v in ("classify", "lm"),  # checkpoints written before the language model: classify
+        "label_names": lambda v: v is None or _strings()(v), "history": _kind(list),
+        "hidden_dropout_prob": lambda v: v is None or _kind(float, int)(v) and 0 <= v < 1,
         "max_sentence_len": lambda v: v is None or _positive_int(v),
         "lora": lambda v: v is None or isinstance(v, dict),
         "lora.rank": _positive_int, "lora.alpha": lambda v: _kind(float, int)(v) and v > 0,
         "lora.dropout": lambda v: _kind(float, int)(v) and 0 <= v < 1, "lora.targets": _strings(ALL_TARGETS),
     },
     STATE_FORMAT: {"training": _kind(dict), "trainable": _kind(dict), "optimizer": _kind(dict), "scaler": _kind(dict),
-                   "rng": _kind(list), "epoch": _kind(int), "best_dev_acc": _kind(float), "history": _kind(list),
+                   "rng": _kind(list), "epoch": _kind(int), "best_dev_score": _kind(float), "history": _kind(list),
                    "best_epoch": lambda v: v is None or _kind(int)(v)},
 }
 
@@ -117,6 +120,7 @@ def read_saved(path: str, flag: str, expected_format: str) -> dict:
     if found == STATE_FORMAT != expected_format:
         raise UsageError(state_file_message(flag, path))
     if found == expected_format:
+        saved.setdefault("task", "classify")
         damaged = _damaged_fields(saved, _FIELDS[expected_format])
         if damaged:
             raise UsageError(f"{flag} {path}: damaged ({', '.join(damaged)} missing or of the wrong type); "
@@ -194,11 +198,11 @@ def load_base_model(model_path: str, tokenizer_path: str, device: torch.device,
     return llama.to(device), tokenizer
 
 
-def load_classifier(path: str, saved: dict, model_path: Optional[str], tokenizer_path: Optional[str],
-                    device: torch.device,
-                    dtype: torch.dtype = torch.float32) -> tuple[LlamaEmbeddingClassifier, Tokenizer]:
-    """The classifier that the checkpoint at path (its contents: saved) describes, on the base model and tokenizer
-    it was trained with (found beside it, or at model_path / tokenizer_path), adapters merged, held in dtype."""
+def load_trained(path: str, saved: dict, model_path: Optional[str], tokenizer_path: Optional[str],
+                 device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tokenizer]:
+    """The classifier or language model that the checkpoint at path (its contents: saved) describes, on the base
+    model and tokenizer it was trained with (found beside it, or at model_path / tokenizer_path), adapters merged,
+    held in dtype."""
     base = locate(saved["base_model"], path, "--pretrained-model-path", model_path)
     tokenizer_path = locate(saved["tokenizer"], path, "--tokenizer", tokenizer_path)
     require_file("--tokenizer", tokenizer_path, "pass the tokenizer the model was trained with")
@@ -211,35 +215,52 @@ def load_classifier(path: str, saved: dict, model_path: Optional[str], tokenizer
                          f"from; pass that model")
     llama, tokenizer = load_base_model(base, tokenizer_path, device, dtype)
     lora = LoRASettings.from_record(saved["lora"]) if saved["lora"] else None
-    model = build_classifier(llama, len(saved["label_names"]), saved["hidden_dropout_prob"], lora,
-                             head_bias="classifier_head.bias" in saved["trainable"])
+    model = build_model(llama, saved["task"], saved["label_names"], saved["hidden_dropout_prob"], lora,
+                        head_bias="classifier_head.bias" in saved["trainable"])
     load_trainable(model, saved["trainable"], path)
     merge_lora(model)
     return model, tokenizer
 
 
+def build_model(llama: Llama, task: str, label_names: Optional[list[str]], hidden_dropout_prob: Optional[float],
+                lora: Optional[LoRASettings], head_bias: bool = False) -> nn.Module:
+    """What finetune and lora train on llama: a classifier of label_names, or the language model itself."""
+    if task == "lm":
+        return build_language_model(llama, lora)
+    return build_classifier(llama, len(label_names), hidden_dropout_prob, lora, head_bias)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A training run: its record, which files it may replace, what it saves
 
-def describe_run(settings: Settings, llama: Llama, base_fingerprint: str, label_names: list[str],
+def describe_run(settings: Settings, llama: Llama, base_fingerprint: str, label_names: Optional[list[str]],
                  runtime: Runtime) -> dict[str, Any]:
     """Everything a checkpoint says about itself besides its tensors. Its "training" record holds the flags
     that shape the result: a resumed run must share them, and they tell one run's checkpoint from another's."""
     data, training, model = settings.data, settings.training, settings.model
+    lm = training.task == "lm"
     files = {flag: {"path": os.path.abspath(path), "fingerprint": file_sha256(path)}
-             for flag, path in (("--train", data.train), ("--dev", data.dev), ("--tokenizer", model.tokenizer))}
+             for flag, path in (("--train", data.train), ("--dev", data.dev), ("--tokenizer", model.tokenizer))
+             if path is not None}
     files["--pretrained-model-path"] = {"path": os.path.abspath(model.model), "fingerprint": base_fingerprint}
     lora = training.lora.as_record() if training.lora else None
+    dropout = None if lm else training.hidden_dropout_prob
     record = {**files, "--option": training.option, "--label-names": label_names, "--epochs": training.epochs,
               "--lr": training.lr, "--batch_size": data.batch_size, "--seed": settings.seed, "--dtype": runtime.dtype,
-              "--hidden_dropout_prob": training.hidden_dropout_prob, "--max_sentence_len": data.max_sentence_len,
+              "--hidden_dropout_prob": dropout, "--max_sentence_len": data.max_sentence_len,
               "--text_field": data.fields.text, "--label_field": data.fields.label, "processes": runtime.world_size}
     record.update({f"--lora_{key}": value for key, value in (lora or {}).items()})
     record.update({"--fsdp": True} if training.fsdp else {})  # a sharded state resumes sharded
+    # flags that records written before them do not hold, recorded where they differ from the old behaviour
+    newer = {"--task": training.task, "--lr_scheduler": training.lr_scheduler, "--warmup_steps": training.warmup_steps,
+             "--weight_decay": training.weight_decay, "--max_grad_norm": training.max_grad_norm,
+             "--train_on_prompt": training.train_on_prompt, "--block_size": training.block_size}
+    record.update({flag: value for flag, value in newer.items() if value not in (None, False, 0, "classify", "constant")})
     checkpoint = training.files.checkpoint
     return {"format": CHECKPOINT_FORMAT, "command": shlex.join(["python", "run_llama.py", *settings.command]),
-            "option": training.option, "label_names": label_names,
-            "max_sentence_len": data.max_sentence_len, "hidden_dropout_prob": training.hidden_dropout_prob,
+            "option": training.option, "task": training.task, "label_names": label_names,
+            "template": ALPACA_TEMPLATE if lm else None,
+            "max_sentence_len": data.max_sentence_len, "hidden_dropout_prob": dropout,
             "lora": lora, "base_model": {**stored_file(model.model, base_fingerprint, checkpoint),
                                          "model_args": dataclasses.asdict(llama.config)},
             "tokenizer": stored_file(model.tokenizer, files["--tokenizer"]["fingerprint"], checkpoint),
@@ -256,7 +277,9 @@ def write_run_record(settings: Settings, status: str, **details: Any) -> None:
 def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What a resumed run may not change: every flag but --epochs; the number of processes may change where the
     global batch (--batch_size x processes) stays (the same batches, each process's share another)."""
-    changed = differences(saved, current, may_differ=("--epochs", "--batch_size", "processes"))
+    # a decaying schedule spans the run's steps: more epochs would change the steps already taken
+    epochs_may_differ = ("--epochs",) if current.get("--lr_scheduler", "constant") == "constant" else ()
+    changed = differences(saved, current, may_differ=(*epochs_may_differ, "--batch_size", "processes"))
     global_batch = [record.get("--batch_size", 0) * record.get("processes", 1) for record in (saved, current)]
     if global_batch[0] != global_batch[1]:
         changed.append(f"the global batch (--batch_size x processes) {global_batch[0]} there, {global_batch[1]} here")
@@ -277,7 +300,8 @@ def check_run_files(settings: Settings, record: dict) -> Optional[dict]:
         changed = resume_differences(state["training"], record)
         if changed:
             raise UsageError(f"--resume {state_path}: that run differs from this one ({'; '.join(changed)}); only "
-                             f"--epochs, and the processes with the same global batch, may change on resume: use "
+                             f"--epochs (under a constant --lr_scheduler), and the processes with the same global "
+                             f"batch, may change on resume: use "
                              f"its flags, or another --filepath")
     if training.overwrite:
         return state

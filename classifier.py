@@ -4,7 +4,6 @@ Both take right-padded token ids (batch, seqlen) and the true lengths (batch,), 
 over the labels (batch, n_labels). Causal attention never lets a real token see the padding that follows it,
 so the padded positions need no mask and change no prediction, whatever the batch.
 """
-import sys
 from typing import Optional
 
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import KVCache, Llama
-from lora import inject_lora, is_adapter
+from lora import train_adapters
 from settings import LoRASettings
 from tokenizer import Tokenizer
 from utils import UsageError
@@ -113,26 +112,11 @@ def zero_shot_classifier(llama: Llama, tokenizer: Tokenizer, label_names: list[s
     return LlamaZeroShotClassifier(llama, label_ids, suffix)
 
 
-def warn_if_adapters_outgrow(model: nn.Module, adapted: list[str], rank: int) -> None:
-    """A rank beyond a matrix's smaller side buys nothing: the adapter then holds more numbers than the matrix."""
-    for name in dict.fromkeys(name.rsplit(".", 1)[-1] for name in adapted):
-        layer = next(model.get_submodule(full) for full in adapted if full.endswith("." + name))
-        if rank > min(layer.in_features, layer.out_features):
-            ratio = rank * (layer.in_features + layer.out_features) / (layer.in_features * layer.out_features)
-            print(f"warning: --lora_rank {rank} exceeds {name}'s smaller side ({layer.out_features} x "
-                  f"{layer.in_features}): its adapter is {ratio:.1f}x the size of the matrix it adapts",
-                  file=sys.stderr)
-
-
 def build_classifier(llama: Llama, n_labels: int, hidden_dropout_prob: float,
                      lora: Optional[LoRASettings], head_bias: bool = False) -> LlamaEmbeddingClassifier:
     """The fine-tuning classifier; with LoRA settings, adapters on the base model, which then stays frozen: only
     the adapters and the head train."""
     model = LlamaEmbeddingClassifier(llama, n_labels, hidden_dropout_prob, head_bias)
     if lora:
-        adapted = inject_lora(llama, lora.targets, lora.rank, lora.alpha, lora.dropout)
-        for name, param in model.named_parameters():
-            param.requires_grad = is_adapter(name) or name.startswith("classifier_head.")
-        print(f"LoRA rank {lora.rank} on {len(adapted)} layers ({', '.join(lora.targets)})")
-        warn_if_adapters_outgrow(llama, adapted, lora.rank)
+        train_adapters(model, model.llama, lora, also_trained="classifier_head.")
     return model.to(llama.norm.weight.device)

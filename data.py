@@ -1,5 +1,6 @@
-"""Labeled data as the model reads it: a data file's examples (datafiles.py reads them) tokenized to fit the model,
-grouped into batches, micro-batches of similar lengths, and each process's share of a batch under torchrun."""
+"""Data as the model reads it: a labeled data file's examples (datafiles.py reads them) or a language-model data
+file's rows (lmdata.py) tokenized to fit the model, grouped into batches, micro-batches of similar lengths, and each
+process's share of a batch under torchrun."""
 import dataclasses
 import sys
 from typing import Optional
@@ -7,6 +8,7 @@ from typing import Optional
 import torch
 
 from datafiles import Example, file_format, read_labeled_data
+from lmdata import read_lm_rows, tokenize_lm
 from settings import Fields
 from tokenizer import Tokenizer
 from utils import UsageError
@@ -25,6 +27,13 @@ class Split:
     n_lines: Optional[int] = None  # that file's lines, blank ones included
     named: bool = False  # its labels were given as names: so are its predictions
     fields: Fields = Fields()  # the text and label fields of its file, and of its predictions
+    trained_from: Optional[list[int]] = None  # language-model data: each example's first target position
+
+    def counts(self) -> list[int]:
+        """What each example adds to a loss's denominator: 1 (its label), or its trained tokens."""
+        if self.trained_from is None:
+            return [1] * len(self.token_ids)
+        return [len(ids) - start for ids, start in zip(self.token_ids, self.trained_from)]
 
 
 def tokenize(examples: list[Example], tokenizer: Tokenizer, max_seq_len: int,
@@ -61,6 +70,18 @@ def load_split(name: str, path: str, label_names: list[str], tokenizer: Tokenize
     print(f"load {len(examples)} data from {path}" + (f" ({'; '.join(notes)})" if notes else ""))
     return Split(name, [e.label for e in examples], [e.sentence for e in examples], token_ids,
                  [e.line for e in examples] if line_aligned else None, n_lines if line_aligned else None, named, fields)
+
+
+def load_lm_split(name: str, path: str, tokenizer: Tokenizer, window: int, train_on_prompt: bool) -> Split:
+    """Read and tokenize one language-model data file (lmdata.py) into examples of at most `window` tokens."""
+    kind, rows = read_lm_rows(path, f"--{name}")
+    data = tokenize_lm(kind, rows, tokenizer, window, train_on_prompt)
+    if data.n_cut:
+        print(f"note: {data.n_cut} of {len(rows)} rows of {path} are longer than {window} tokens: their prompts were "
+              f"cut from the left (a completion too long alone, at its end)", file=sys.stderr)
+    tokens = sum(len(ids) - start for ids, start in zip(data.token_ids, data.trained_from))
+    print(f"load {len(data.token_ids)} {kind} examples from {path} ({tokens} trained tokens)")
+    return Split(name, [], [], data.token_ids, trained_from=data.trained_from)
 
 
 def warn_if_labels_unused(splits: list[Split], label_names: list[str], path: str) -> None:

@@ -46,7 +46,7 @@ from torch import nn
 
 from config import LlamaConfig
 from kernels import BLOCK, row_blocks
-from llama import Generation, KVCache, Llama, LlamaLayer, attention_mask
+from llama import Generation, KVCache, Llama, LlamaLayer, attention_mask, sample_next_token
 from utils import return_free_memory
 
 
@@ -359,6 +359,41 @@ def timed_generation(llama: Generation, idx: torch.Tensor, max_new_tokens: int, 
         tokens.append(token)
     out = torch.cat(tokens, dim=1).cpu()
     return out, max(0, len(tokens) - 2 + ended), time.perf_counter() - start if start else 0.0, ended
+
+
+@torch.inference_mode()
+def complete_batch(llama: Llama, prompts: list[list[int]], max_new_tokens: int, temperature: float, pad_id: int,
+                   top_k: Optional[int] = None, top_p: Optional[float] = None,
+                   stop_ids: Collection[int] = ()) -> list[list[int]]:
+    """The new tokens of several prompts continued at once. They are left-padded, so that every row's next token
+    comes from the last column; a row's rotary positions count from its own first token and a mask hides its
+    padding, so that it gets what it would get alone (greedy decoding: the same tokens). A row ends at one of
+    stop_ids (left out), after max_new_tokens, or at the model's window."""
+    device, window = llama.norm.weight.device, llama.config.max_seq_len
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = int(lengths.max())
+    limits = [min(max_new_tokens, window - len(p)) for p in prompts]
+    columns = torch.arange(longest, device=device)[None, :]
+    padding_mask = columns >= (longest - lengths)[:, None]  # (batch, longest), True at real tokens
+    tokens = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
+    caches = [KVCache(longest + max(limits)) for _ in llama.layers]
+    hidden = llama.hidden_states(tokens, padding_mask, kv_caches=caches,
+                                 positions=(columns - (longest - lengths)[:, None]).clamp(min=0))
+    new: list[list[int]] = [[] for _ in prompts]
+    running = [limit > 0 for limit in limits]
+    for step in range(max(limits)):
+        next_token = sample_next_token(llama.output(hidden[:, -1]).float(), temperature, top_k, top_p)  # (batch, 1)
+        for row, token in enumerate(next_token[:, 0].tolist()):
+            if running[row]:
+                running[row] = token not in stop_ids
+                new[row] += [token] * running[row]
+                running[row] = running[row] and len(new[row]) < limits[row]
+        if not any(running):
+            break
+        padding_mask = torch.cat([padding_mask, padding_mask.new_ones(len(prompts), 1)], dim=1)
+        hidden = llama.hidden_states(next_token, padding_mask, kv_caches=caches, start_pos=longest + step,
+                                     positions=(lengths + step)[:, None])
+    return new
 
 
 def weight_megabytes(model: nn.Module) -> float:

@@ -3,6 +3,7 @@ from typing import Optional
 
 import torch
 
+from causal_lm import next_token_targets
 from data import Split, make_batches, pad_batch
 from datafiles import write_examples
 from runtime import Runtime
@@ -23,6 +24,25 @@ def predict(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, 
         scored.update(zip(indices, log_probs.float().cpu()))
     merged = {i: row for part in runtime.gather(scored) for i, row in part.items()}
     return torch.stack([merged[i] for i in range(len(lengths))])
+
+
+@torch.inference_mode()
+def lm_loss(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, runtime: Runtime) -> tuple[float, int]:
+    """A language model's summed cross-entropy over a split's trained tokens, and their count; batches are formed
+    as predict forms them, and under torchrun each process scores every world_size-th."""
+    model.eval()
+    counts = split.counts()
+    batches = runtime.my_batches(make_batches([len(t) for t in split.token_ids], batch_size, shuffle=False))
+    scored = {}
+    for indices in runtime.progress(batches, f"eval {split.name}", leave=False):
+        tokens, _ = pad_batch([split.token_ids[i] for i in indices], pad_id)
+        targets = next_token_targets([split.token_ids[i] for i in indices], [split.trained_from[i] for i in indices],
+                                     tokens.shape[1])
+        with runtime.autocast():
+            losses = model(tokens.to(runtime.device), targets.to(runtime.device)).double().cpu()
+        scored.update(zip(indices, (part.sum().item() for part in losses.split([counts[i] for i in indices]))))
+    merged = {i: loss for part in runtime.gather(scored) for i, loss in part.items()}  # a repeated batch counts once
+    return sum(merged.values()), sum(counts)
 
 
 def metrics(labels: list[int], predictions: list[int]) -> tuple[float, float]:

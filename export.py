@@ -1,7 +1,7 @@
 """--option export: a Hugging Face folder that transformers loads, written whole or not at all. A trained classifier
-becomes a LlamaForSequenceClassification (adapters merged, our head as its `score`), a language model a
-LlamaForCausalLM, and with --adapter a LoRA checkpoint becomes a PEFT adapter for its base model's folder; hf.py
-knows the names, the row order and the config files' fields."""
+becomes a LlamaForSequenceClassification (adapters merged, our head as its `score`), a language model (a base model,
+or a --task lm checkpoint) a LlamaForCausalLM, and with --adapter a LoRA checkpoint becomes a PEFT adapter for its
+base model's folder; hf.py knows the names, the row order and the config files' fields."""
 import json
 import os
 import shutil
@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from checkpoint import load_base_model, load_classifier, locate
+from checkpoint import load_base_model, load_trained, locate
 from hf import CONFIG_FILE, WEIGHTS_FILE, hf_config, hf_tokenizer_config, hf_weights, is_hf_folder, peft_adapter
 from llama import Llama
 from lora import is_adapter
@@ -74,11 +74,14 @@ def classifier_tokenizer_config(tokenizer: Tokenizer, max_seq_len: int, max_sent
 
 def write_adapter(out_dir: str, saved: dict, llama: Llama, tokenizer: Tokenizer, source: dict[str, Any],
                   overwrite: bool, base: Optional[str]) -> None:
-    """Write a LoRA checkpoint (its contents: saved) as PEFT writes a LlamaForSequenceClassification's adapter,
-    with the classifier's tokenizer; `base` (a Hugging Face folder, or None) is named as its base model."""
+    """Write a LoRA checkpoint (its contents: saved) as PEFT writes a LlamaForSequenceClassification's adapter, with
+    the classifier's tokenizer, or a LlamaForCausalLM's; `base` (a Hugging Face folder, or None) is named as its
+    base model."""
     check_export_folder(out_dir, overwrite)
     adapter_config, tensors = peft_adapter(saved["trainable"], llama.config, saved["lora"], base)
-    tokenizer_config = classifier_tokenizer_config(tokenizer, llama.config.max_seq_len, saved["max_sentence_len"])
+    tokenizer_config = hf_tokenizer_config(tokenizer.piece(tokenizer.pad_id), llama.config.max_seq_len, False) \
+        if saved["task"] == "lm" else classifier_tokenizer_config(tokenizer, llama.config.max_seq_len,
+                                                                   saved["max_sentence_len"])
     _write_files(os.path.abspath(out_dir), ADAPTER_WEIGHTS, tensors,
                  {ADAPTER_CONFIG: adapter_config, "tokenizer_config.json": tokenizer_config,
                   EXPORT_MARK: {**source, "label_names": saved["label_names"]}}, tokenizer)
@@ -128,12 +131,15 @@ def run_export(settings: Settings) -> None:
     export, cpu = settings.export, torch.device("cpu")
     if export.saved:
         base = locate(export.saved["base_model"], export.checkpoint, "--pretrained-model-path", export.model)
-        classifier, tokenizer = load_classifier(export.checkpoint, export.saved, base, export.tokenizer, cpu)
-        llama, source = classifier.llama, {"--filepath": os.path.abspath(export.checkpoint)}
+        trained, tokenizer = load_trained(export.checkpoint, export.saved, base, export.tokenizer, cpu)
+        llama, source = trained.llama, {"--filepath": os.path.abspath(export.checkpoint)}
     else:
         llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, cpu)
         source = {"--pretrained-model-path": os.path.abspath(settings.model.model)}
-    if export.lm_only:
+    lm = not export.saved or export.saved["task"] == "lm"
+    head = "LlamaForCausalLM" if lm else f"LlamaForSequenceClassification.from_pretrained(BASE, num_labels=" \
+                                          f"{len(export.saved['label_names'])})"
+    if export.lm_only or lm and not export.adapter:
         write_folder(export.output, llama, tokenizer, source, export.overwrite)
         loads = f"LlamaForCausalLM.from_pretrained({export.output!r})"
     elif export.adapter:
@@ -141,10 +147,10 @@ def run_export(settings: Settings) -> None:
                       os.path.abspath(base) if is_hf_folder(base) else None)
         where = base if is_hf_folder(base) else (f"the folder that `run_llama.py --option export --lm-only "
                                                  f"--pretrained-model-path {base} --output BASE` writes")
-        loads = (f"PeftModel.from_pretrained(LlamaForSequenceClassification.from_pretrained(BASE, num_labels="
-                 f"{len(export.saved['label_names'])}), {export.output!r}), BASE being {where}")
+        base_model = "LlamaForCausalLM.from_pretrained(BASE)" if lm else head
+        loads = f"PeftModel.from_pretrained({base_model}, {export.output!r}), BASE being {where}"
     else:
-        write_folder(export.output, llama, tokenizer, source, export.overwrite, classifier.classifier_head.weight,
+        write_folder(export.output, llama, tokenizer, source, export.overwrite, trained.classifier_head.weight,
                      export.saved["label_names"], export.saved["max_sentence_len"])
         loads = f"LlamaForSequenceClassification.from_pretrained({export.output!r})"
     print(f"wrote {export.output}: transformers loads it with {loads}")

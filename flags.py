@@ -12,27 +12,32 @@ from checkpoint import CHECKPOINT_FORMAT, read_saved
 from export import check_export_folder
 from hf import default_tokenizer, is_hf_folder, stored_dtype
 from lora import ALL_TARGETS, ATTENTION_TARGETS, DEFAULT_TARGETS
+from optimizer import SCHEDULES
 from runtime import DTYPES
 from settings import (DEFAULT_MODEL, ClassifySettings, DataSettings, ExportSettings, Fields, GenerationRun,
-                      GenerationSettings, LoRASettings, ModelFiles, RunFiles, Settings, TrainingSettings)
+                      GenerationSettings, LoRASettings, ModelFiles, PerplexitySettings, RunFiles, Settings,
+                      TrainedModel, TrainingSettings)
 from tokenizer import TOKENIZER_MODEL
 from utils import ArgumentParser, UsageError, check_outputs, require_file
 
 DESCRIPTION = """\
 minLlama2: a small Llama 2 in PyTorch. One --option per job:
 
-  generate   continue a prompt (greedy and T=1), write generated-sentence-temp-{0,1}.txt
+  generate   continue a prompt (greedy and T=1), write generated-sentence-temp-{0,1}.txt; with --input
+             prompts.jsonl --output out.jsonl complete many prompts in batches (of --filepath, a --task lm run)
   prompt     zero-shot classification: score each label name as the prompt's continuation
-  finetune   train the whole model with a classification head
-  lora       train LoRA adapters and the head; the base model stays frozen
+  finetune   train the whole model with a classification head, or with --task lm the language model itself
+  lora       train LoRA adapters (and the head); the base model stays frozen
   classify   label new sentences with a checkpoint that finetune or lora wrote (--filepath, --input)
-  export     write a Hugging Face folder (--output): the classifier of --filepath, with --adapter its LoRA
+  perplexity score a text file (--input) with the base model or a --task lm checkpoint (--filepath)
+  export     write a Hugging Face folder (--output): the model of --filepath, with --adapter its LoRA
              adapters for PEFT, or with --lm-only the language model
 
 Flags and output files follow the CS11-711 minllama assignment; every flag is accepted with hyphens or
 underscores. Data files: '<label> ||| <sentence>' lines, or by extension .jsonl / .csv / .tsv with a text and a
-label field; a label is an integer or one of the --label-names. Models: llama2.c .pt/.bin files and Hugging Face
-folders. Bad input ends with one line and exit status 2.
+label field; a label is an integer or one of the --label-names. Language-model data (--task lm): JSONL of
+prompt/completion, Alpaca JSON or JSONL (instruction/input/output), or raw text (.txt, or JSONL of text). Models:
+llama2.c .pt/.bin files and Hugging Face folders. Bad input ends with one line and exit status 2.
 """
 
 EXAMPLES = """\
@@ -45,11 +50,15 @@ examples (stories260K, the tiny model that setup.sh --no-stories42M keeps; drop 
   python run_llama.py --option lora $M $SST --epochs 5 --batch_size 80 --lr 1e-2 --output_dir runs/sst-lora
   echo "A moving film." | python run_llama.py --option classify --filepath runs/sst-lora/sst-lora-0.01.pt --input -
   python run_llama.py --option export --filepath runs/sst-lora/sst-lora-0.01.pt --output sst-classifier
+  python run_llama.py --option lora --task lm $M --train qa.jsonl --epochs 20 --lr 1e-2 --filepath qa.pt
+  python run_llama.py --option generate --filepath qa.pt --input questions.jsonl --output answers.jsonl
+  python run_llama.py --option perplexity $M --input story.txt
 """
 
 ASSIGNMENT_PREFIX = ("I have wanted to see this thriller for a while, and it didn't disappoint. "
                      "Keanu Reeves, playing the hero John Wick, is")
 MODE_NAMES = {"prompt": "prompting", "finetune": "finetuning", "lora": "lora"}
+TRAINING = ("finetune", "lora")
 CFIMDB = {"--train": "data/cfimdb-train.txt", "--dev": "data/cfimdb-dev.txt", "--test": "data/cfimdb-test.txt",
           "--label-names": "data/cfimdb-label-mapping.json"}
 
@@ -75,7 +84,8 @@ def finite_float(text: str) -> float:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter)
-    parser.add_argument("--option", choices=("generate", "prompt", "finetune", "lora", "classify", "export"),
+    parser.add_argument("--option", choices=("generate", "prompt", "finetune", "lora", "classify", "perplexity",
+                                             "export"),
                         default="generate", help="what to do (see above)")
     parser.add_argument("--train", help=f"training data (default: {CFIMDB['--train']}, see --dev)")
     parser.add_argument("--dev", help=f"dev data (default: {CFIMDB['--dev']}); give all of --train --dev --test "
@@ -104,7 +114,34 @@ def build_parser() -> ArgumentParser:
                              "run.json)")
     add_generation_flags(parser.add_argument_group("generate"))
     add_classification_flags(parser.add_argument_group("classification"))
+    add_training_flags(parser.add_argument_group("training: the learning rate's schedule and regularisation"))
+    add_lm_flags(parser.add_argument_group("the language model (--task lm, perplexity)"))
     return parser
+
+
+def add_training_flags(train: argparse._ArgumentGroup) -> None:
+    train.add_argument("--lr_scheduler", choices=SCHEDULES, default="constant",
+                       help="the learning rate per optimizer step after --warmup_steps: constant, decayed linearly "
+                            "or along half a cosine to 0 at the last step (transformers' schedules)")
+    train.add_argument("--warmup_steps", type=int, default=0, help="optimizer steps of linear warmup from 0 to --lr")
+    train.add_argument("--weight_decay", type=finite_float, default=0.0,
+                       help="AdamW's decoupled weight decay, on matrices (not norm weights)")
+    train.add_argument("--max_grad_norm", type=finite_float, default=0.0,
+                       help="clip the gradients' global norm to this, as torch's clip_grad_norm_ (0: no clipping)")
+
+
+def add_lm_flags(lm: argparse._ArgumentGroup) -> None:
+    lm.add_argument("--task", choices=("classify", "lm"), default="classify",
+                    help="finetune, lora: a classifier with a head (the assignment's), or the language model itself "
+                         "trained by next-token cross-entropy (--train alone needed; --dev, --test optional)")
+    lm.add_argument("--train_on_prompt", action="store_true",
+                    help="--task lm: train on prompts too, not only on completions")
+    lm.add_argument("--block_size", type=int, default=None,
+                    help="--task lm: tokens per example at most (raw text is cut into such blocks; a longer "
+                         "prompt-completion pair loses its prompt's start) (default: the model's max_seq_len)")
+    lm.add_argument("--stride", type=int, default=None,
+                    help="perplexity: tokens the window moves by; each token is scored once, with the context its "
+                         "window gives (default: the window, max_seq_len)")
 
 
 def add_generation_flags(gen: argparse._ArgumentGroup) -> None:
@@ -154,8 +191,9 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
     cls.add_argument("--lr", type=finite_float, default=1e-5, help="AdamW learning rate")
     cls.add_argument("--hidden_dropout_prob", type=finite_float, default=0.3, help="dropout before the classification head")
     cls.add_argument("--filepath", default=None,
-                     help="best-dev checkpoint (default: <dataset>-<option>-<lr>.pt); training also writes "
-                          "<filepath>.state for --resume, <stem>.metrics.jsonl and <stem>.png")
+                     help="best-dev checkpoint (default: <dataset>-<option>-<lr>.pt, --task lm: <train file's "
+                          "stem>-<option>-<lr>.pt); training also writes <filepath>.state for --resume, "
+                          "<stem>.metrics.jsonl and <stem>.png; generate, perplexity: a --task lm checkpoint to use")
     cls.add_argument("--resume", action="store_true",
                      help="continue training from <filepath>.state (none yet: start at epoch 0); only --epochs and "
                           "output/device flags may change")
@@ -168,10 +206,14 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
     cls.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
                      help=f"comma-separated among {','.join(ALL_TARGETS)}, or 'attention', or 'all'")
     cls.add_argument("--input", help="classify: sentences, one per line (or '<label> ||| <sentence>'), or a .jsonl, "
-                                     ".csv or .tsv data file whose labels may be left out; - for stdin (no default)")
+                                     ".csv or .tsv data file whose labels may be left out; - for stdin; generate: "
+                                     "JSONL of \"prompt\" (used as it is) or \"instruction\" (and \"input\": "
+                                     "the checkpoint's Alpaca template) lines; perplexity: the text file (no default)")
     cls.add_argument("--output", help="classify: write the predictions here, in the format its extension names "
                                       "(.jsonl, .csv, .tsv, else '<label> ||| <sentence>'), instead of printing "
-                                      "'<label name>\\t<probability>\\t<sentence>' (default); export: the folder to write")
+                                      "'<label name>\\t<probability>\\t<sentence>' (default); generate: the JSONL "
+                                      "of each --input line with its \"completion\"; perplexity: a JSON file of the "
+                                      "result; export: the folder to write")
     cls.add_argument("--text_field", default="text", help="the sentence's field in .jsonl data, its column in .csv/.tsv")
     cls.add_argument("--label_field", default="label", help="the label's field in .jsonl data, its column in .csv/.tsv")
     cls.add_argument("--adapter", action="store_true",
@@ -194,39 +236,63 @@ def get_args(argv: Optional[list[str]] = None) -> Settings:
         return classify_settings(args)
     if args.option == "export":
         return export_settings(args)
-    model = model_files(args)
-    inputs = [("--pretrained-model-path", model.model), ("--tokenizer", model.tokenizer)]
+    trained = trained_model(args) if args.option in ("generate", "perplexity") and args.filepath else None
+    model = model_files(args) if trained is None else ModelFiles(args.pretrained_model_path, args.tokenizer)
+    inputs = [("--pretrained-model-path", model.model), ("--tokenizer", model.tokenizer),
+              ("--filepath", trained and trained.path)]
     in_run_dir = lambda path: os.path.join(args.output_dir, path) if args.output_dir else path
     if args.option == "generate":
         prompt = ASSIGNMENT_PREFIX if args.prompt is None else args.prompt
         generation = GenerationSettings(prompt, args.max_new_tokens, args.top_k, args.top_p, args.quantize,
-                                        not args.ignore_eos, generation_runs(args, in_run_dir))
-        outputs = [(run.flag, run.output) for run in generation.runs]
+                                        not args.ignore_eos, generation_runs(args, in_run_dir), trained, args.input,
+                                        args.output and in_run_dir(args.output), args.batch_size or 8)
+        outputs = [("--output", generation.output)] if args.input else [(run.flag, run.output) for run in generation.runs]
+        inputs.append(("--input", args.input))
+    elif args.option == "perplexity":
+        perplexity = PerplexitySettings(args.input, args.stride, args.output and in_run_dir(args.output), trained,
+                                        args.batch_size or 8)
+        outputs = [("--output", perplexity.output)] if args.output else []
+        inputs.append(("--input", args.input))
     else:
         data = data_settings(args, in_run_dir)
-        outputs = [("--dev_out", data.dev_out), ("--test_out", data.test_out)]
+        outputs = [("--dev_out", data.dev_out), ("--test_out", data.test_out)] if args.task == "classify" else []
         inputs += [(flag, getattr(data, flag[2:].replace("-", "_"))) for flag in CFIMDB]
-    if args.option in ("finetune", "lora"):
-        files = RunFiles.beside(in_run_dir(args.filepath or f"{dataset_name(data.dev)}-{args.option}-{args.lr}.pt"))
+    if args.option in TRAINING:
+        name = dataset_name(data.dev) if args.task == "classify" else os.path.splitext(os.path.basename(data.train))[0]
+        files = RunFiles.beside(in_run_dir(args.filepath or f"{name}-{args.option}-{args.lr}.pt"))
         lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets) \
             if args.option == "lora" else None
         training = TrainingSettings(args.option, args.epochs, args.lr, args.hidden_dropout_prob, lora, files,
                                     args.resume, args.overwrite, args.micro_batch_size, args.gradient_checkpointing,
-                                    args.fsdp)
+                                    args.fsdp, args.task, args.lr_scheduler, args.warmup_steps, args.weight_decay,
+                                    args.max_grad_norm, args.train_on_prompt, args.block_size)
         outputs = files.outputs() + outputs  # the checkpoint first: the file that a clash names
     run_record = in_run_dir("run.json") if args.output_dir else None
     if run_record:
         outputs.append(("--output_dir (run.json)", run_record))
-    check_outputs(outputs, inputs)
-    stored = stored_dtype(model.model) if is_hf_folder(model.model) else "fp32"
-    settings = Settings(args.option, args.use_gpu, args.dtype, args.seed, model, tuple(outputs),
-                        stored_dtype=(stored, f"{model.model} is stored in"), command=tuple(argv),
-                        run_record=run_record)
+    check_outputs(outputs, [(flag, path) for flag, path in inputs if path])
+    if trained is not None:
+        stored = (trained.saved["training"]["--dtype"], f"--filepath {trained.path} was trained in")
+    else:
+        stored = (stored_dtype(model.model) if is_hf_folder(model.model) else "fp32", f"{model.model} is stored in")
+    settings = Settings(args.option, args.use_gpu, args.dtype, args.seed, model, tuple(outputs), stored_dtype=stored,
+                        command=tuple(argv), run_record=run_record)
     if args.option == "generate":
         return dataclasses.replace(settings, generation=generation)
+    if args.option == "perplexity":
+        return dataclasses.replace(settings, perplexity=perplexity)
     if args.option == "prompt":
         return dataclasses.replace(settings, data=data)
     return dataclasses.replace(settings, data=data, training=training)
+
+
+def trained_model(args: argparse.Namespace) -> TrainedModel:
+    """The --filepath of generate and perplexity: a language model that finetune or lora trained (--task lm)."""
+    saved = read_saved(args.filepath, "--filepath", CHECKPOINT_FORMAT)
+    if saved.get("task", "classify") != "lm":
+        raise UsageError(f"--filepath {args.filepath}: a classifier, not a language model; {args.option} needs a "
+                         f"checkpoint of --task lm (label sentences with --option classify)")
+    return TrainedModel(args.filepath, saved, args.pretrained_model_path, args.tokenizer)
 
 
 def check_values(args: argparse.Namespace) -> None:
@@ -234,6 +300,23 @@ def check_values(args: argparse.Namespace) -> None:
         (args.lr > 0, "--lr must be > 0"),
         (args.batch_size is None or args.batch_size > 0, "--batch_size must be > 0"),
         (args.micro_batch_size is None or args.micro_batch_size > 0, "--micro_batch_size must be > 0"),
+        (args.option in TRAINING or args.task == "classify", "--task goes with --option finetune or lora"),
+        (args.task == "lm" or not args.train_on_prompt and args.block_size is None,
+         "--train_on_prompt and --block_size go with --task lm"),
+        (args.block_size is None or args.block_size >= 2, "--block_size must be >= 2 (a token and the next)"),
+        (args.option == "perplexity" or args.stride is None, "--stride goes with --option perplexity"),
+        (args.stride is None or args.stride > 0, "--stride must be > 0"),
+        (args.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+        (args.weight_decay >= 0, "--weight_decay must be >= 0"),
+        (args.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0: no clipping)"),
+        (args.option in TRAINING or (args.lr_scheduler, args.warmup_steps, args.weight_decay, args.max_grad_norm)
+         == ("constant", 0, 0.0, 0.0), "--lr_scheduler, --warmup_steps, --weight_decay and --max_grad_norm go with "
+                                       "--option finetune or lora"),
+        (args.option != "perplexity" or args.input, "--option perplexity needs --input FILE (the text to score)"),
+        (args.option != "generate" or bool(args.input) == bool(args.output),
+         "--option generate: --input prompts.jsonl and --output out.jsonl go together"),
+        (args.option != "generate" or not (args.input and args.prompt is not None),
+         "--option generate: --prompt or --input, not both"),
         (args.option in ("finetune", "lora") or args.micro_batch_size is None,
          "--micro_batch_size goes with --option finetune or lora"),
         (args.option in ("finetune", "lora") or not args.gradient_checkpointing,
@@ -248,22 +331,26 @@ def check_values(args: argparse.Namespace) -> None:
         (args.lora_alpha > 0, "--lora_alpha must be > 0"),
         (0 <= args.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
         (args.max_sentence_len is None or args.max_sentence_len > 0, "--max_sentence_len must be > 0"),
-        (args.option == "classify" or not args.input, "--input goes with --option classify"),
-        (args.option in ("classify", "export") or not args.output, "--output goes with --option classify or export"),
+        (args.option in ("classify", "generate", "perplexity") or not args.input,
+         "--input goes with --option classify, generate or perplexity"),
+        (args.option in ("classify", "export", "generate", "perplexity") or not args.output,
+         "--output goes with --option classify, generate, perplexity or export"),
         (args.option == "export" or not args.lm_only, "--lm-only goes with --option export"),
         (args.option == "export" or not args.adapter, "--adapter goes with --option export"),
         (not (args.adapter and args.lm_only), "--adapter and --lm-only exclude each other: an adapter is not a "
                                                "language model"),
         (args.option in ("finetune", "lora") or not args.resume, "--resume goes with --option finetune or lora"),
-        (args.option not in ("classify", "export") or not args.output_dir,
-         "--output_dir goes with --option generate, prompt, finetune or lora; classify and export write --output"),
+        (args.option not in ("classify", "export", "perplexity") or not args.output_dir,
+         "--output_dir goes with --option generate, prompt, finetune or lora; classify, perplexity and export write "
+         "--output"),
         (args.option == "generate" or not args.ignore_eos, "--ignore_eos goes with --option generate"),
         (args.option == "finetune" or not args.fsdp,
          "--fsdp goes with --option finetune (LoRA trains a few MB, which every process holds whole at no cost)"),
         (not args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1,
          "--fsdp shards the model across processes: start the run with torchrun --nproc_per_node N (N >= 2)"),
-        (args.option == "generate" or not args.quantize,
-         "--quantize goes with --option generate (training and scoring use the float weights)"),
+        (args.option == "generate" and not args.input or not args.quantize,
+         "--quantize goes with --option generate of one --prompt (training, scoring and batches of prompts use the "
+         "float weights)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -296,7 +383,15 @@ def generation_runs(args: argparse.Namespace, in_run_dir: Callable[[str], str]) 
 
 def data_settings(args: argparse.Namespace, in_run_dir: Callable[[str], str]) -> DataSettings:
     """The data flags come all together or not at all: CFIMDB's files fill in only when none is given, so
-    that an SST run never trains on CFIMDB because --train was forgotten."""
+    that an SST run never trains on CFIMDB because --train was forgotten. The language model needs --train alone."""
+    if args.task == "lm":
+        for flag in ("--label-names", "--dev_out", "--test_out"):
+            if getattr(args, flag[2:].replace("-", "_")) is not None:
+                raise UsageError(f"{flag} goes with --task classify: a language model has no labels to predict")
+        if args.train is None:
+            raise UsageError("--task lm needs --train FILE (prompt/completion or Alpaca JSONL, or raw text .txt); "
+                             "--dev and --test are optional")
+        return DataSettings(args.train, args.dev, args.test, None, None, None, False, args.batch_size or 8, None)
     needed = ["--dev", "--test", "--label-names"]
     if args.option != "prompt" or args.eval_train:
         needed.insert(0, "--train")
@@ -335,6 +430,9 @@ def classify_settings(args: argparse.Namespace) -> Settings:
     check_outputs(outputs, [("--filepath", args.filepath), ("--input", args.input),
                             ("--pretrained-model-path", args.pretrained_model_path), ("--tokenizer", args.tokenizer)])
     saved = read_saved(args.filepath, "--filepath", CHECKPOINT_FORMAT)
+    if saved.get("task", "classify") != "classify":
+        raise UsageError(f"--filepath {args.filepath}: a language model (--task lm), not a classifier; use it with "
+                         f"--option generate or perplexity")
     classify = ClassifySettings(args.filepath, saved, args.input, args.output, args.pretrained_model_path,
                                 args.tokenizer, args.batch_size or saved["training"]["--batch_size"],
                                 args.max_sentence_len or saved["max_sentence_len"],

@@ -267,20 +267,23 @@ def hf_tokenizer_config(pad_piece: str, max_length: int, classifier: bool) -> di
 def peft_adapter(trainable: dict[str, torch.Tensor], config: LlamaConfig, lora: dict[str, Any],
                  base: Optional[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(adapter_config.json, adapter tensors) of a LoRA classifier's trainable tensors ("llama." adapters and the
-    head) as PEFT saves a LlamaForSequenceClassification's: lora_A/lora_B under transformers' module names (lora_B's
-    rows of wq and wk in the rotate-half order, as their weights' rows), the head as the saved module `score`."""
+    head) as PEFT saves a LlamaForSequenceClassification's, or of a language model's adapters alone as it saves a
+    LlamaForCausalLM's: lora_A/lora_B under transformers' module names (lora_B's rows of wq and wk in the rotate-half
+    order, as their weights' rows), a head as the saved module `score`."""
     short = {ours.rsplit(".", 1)[-1]: theirs.rsplit(".", 1)[-1] for ours, theirs in _LAYER_NAMES.items()}  # wq: q_proj
     rotated = {"wq": config.n_heads, "wk": config.n_kv_heads}
-    tensors = {"base_model.model.score.weight": trainable["classifier_head.weight"]}
+    classifier = "classifier_head.weight" in trainable
+    tensors = {"base_model.model.score.weight": trainable["classifier_head.weight"]} if classifier else {}
     for name, tensor in trainable.items():
         if name.startswith("llama."):
             module, param = name.removeprefix("llama.").rsplit(".", 1)  # layers.0.attention.wq, lora_A
             heads = rotated.get(module.rsplit(".", 1)[-1]) if param == "lora_B" else None
             hf_module = hf_name(f"{module}.weight").removesuffix(".weight")
             tensors[f"base_model.model.{hf_module}.{param}.weight"] = to_rotate_half(tensor, heads) if heads else tensor
-    adapter_config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base,
+    adapter_config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
+                      "base_model_name_or_path": base,
                       "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
                       "target_modules": sorted(short[target] for target in lora["targets"]),
-                      "modules_to_save": ["score"], "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                      "modules_to_save": ["score"] if classifier else None, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
                       "use_dora": False, "init_lora_weights": True, "inference_mode": True}
     return adapter_config, {name: t.detach().float().contiguous() for name, t in tensors.items()}

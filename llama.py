@@ -240,8 +240,10 @@ class Llama(LlamaPreTrainedModel, Generation):
         position's keys and values, so the last layer computes nothing else.
         """
         seqlen = tokens.shape[1]
-        if start_pos + seqlen > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + seqlen} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        # rotary positions past the window are what no model learned (a cache slot may lie past it: see positions)
+        furthest = start_pos + seqlen if positions is None else int(positions.max()) + 1
+        if furthest > self.config.max_seq_len:
+            raise ValueError(f"sequence of {furthest} tokens exceeds max_seq_len {self.config.max_seq_len}")
         freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen] if positions is None else self.freqs_cis[positions]
         mask, is_causal = attention_mask(seqlen, start_pos, padding_mask, causal, tokens.device)
         caches = kv_caches or [None] * len(self.layers)

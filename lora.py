@@ -2,11 +2,14 @@
 y = x W^T + (alpha / rank) * x A^T B^T, with A (rank, in) random and B (out, rank) zero, so training starts
 from the base model exactly. Works on any module tree of nn.Linear layers, chosen by name."""
 import math
+import sys
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from settings import LoRASettings
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
 ALL_TARGETS = ATTENTION_TARGETS + ("w1", "w2", "w3")
@@ -71,6 +74,27 @@ def inject_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank
     for name, module in chosen:
         model.set_submodule(name, LoRALinear(module, rank, alpha, dropout))
     return [name for name, _ in chosen]
+
+
+def train_adapters(model: nn.Module, base: nn.Module, lora: LoRASettings, also_trained: str = "") -> None:
+    """Put adapters on base (a part of model) and train them alone, with model's parameters whose names start with
+    also_trained (a classifier's head) if given: the base stays frozen."""
+    adapted = inject_lora(base, lora.targets, lora.rank, lora.alpha, lora.dropout)
+    for name, param in model.named_parameters():
+        param.requires_grad = is_adapter(name) or bool(also_trained) and name.startswith(also_trained)
+    print(f"LoRA rank {lora.rank} on {len(adapted)} layers ({', '.join(lora.targets)})")
+    warn_if_adapters_outgrow(base, adapted, lora.rank)
+
+
+def warn_if_adapters_outgrow(model: nn.Module, adapted: list[str], rank: int) -> None:
+    """A rank beyond a matrix's smaller side buys nothing: the adapter then holds more numbers than the matrix."""
+    for name in dict.fromkeys(name.rsplit(".", 1)[-1] for name in adapted):
+        layer = next(model.get_submodule(full) for full in adapted if full.endswith("." + name))
+        if rank > min(layer.in_features, layer.out_features):
+            ratio = rank * (layer.in_features + layer.out_features) / (layer.in_features * layer.out_features)
+            print(f"warning: --lora_rank {rank} exceeds {name}'s smaller side ({layer.out_features} x "
+                  f"{layer.in_features}): its adapter is {ratio:.1f}x the size of the matrix it adapts",
+                  file=sys.stderr)
 
 
 def is_adapter(parameter_name: str) -> bool:

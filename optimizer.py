@@ -1,6 +1,7 @@
 """AdamW written out by hand, in the assignment's variant (as in transformers' former AdamW):
 bias correction folded into the step size (Kingma & Ba, section 2, "efficient version"), and weight decay
-decoupled from the gradient (Loshchilov & Hutter) and scaled by the learning rate. No schedule."""
+decoupled from the gradient (Loshchilov & Hutter) and scaled by the learning rate; and the learning-rate schedules
+that step it (transformers' formulas)."""
 import math
 from typing import Callable, Iterable, Optional
 
@@ -65,3 +66,33 @@ class AdamW(Optimizer):
         torch._foreach_addcdiv_(params, m, denominators, step_sizes)
         if group["weight_decay"] > 0.0:
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The multiplier of the learning rate at each optimizer step (from 0): a linear warmup from 0 over warmup_steps,
+    then constant, a linear decay to 0 at total_steps, or half a cosine to 0 there (transformers'
+    get_constant_schedule_with_warmup, get_linear_schedule_with_warmup, get_cosine_schedule_with_warmup)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return factor
+
+
+def decay_groups(named_params: Iterable[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+    """Parameter groups for AdamW: weight decay on matrices only, none on norm weights and biases (vectors), as
+    transformers' Trainer and most recipes leave them."""
+    params = [p for _, p in named_params if p.requires_grad]
+    if weight_decay == 0:
+        return [{"params": params}]  # one group, as training states saved before weight decay existed hold
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]

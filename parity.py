@@ -170,8 +170,8 @@ def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Sp
         for indices in make(lengths, generator):
             micro_batch = len(indices) if variant in WHOLE_BATCHES else args.micro_batch_size
             optimizer.zero_grad(set_to_none=True)
-            accumulate_gradients(model, [train.token_ids[i] for i in indices], [train.labels[i] for i in indices],
-                                 [1.0] * len(indices), 1 / len(indices), pad_id, micro_batch, cpu)
+            accumulate_gradients(model, train, indices, [1.0] * len(indices), 1 / len(indices), pad_id, micro_batch,
+                                 cpu)
             optimizer.step()
             padded += sum(len(part) * max(lengths[indices[i]] for i in part)
                           for part in micro_batches([lengths[i] for i in indices], micro_batch))

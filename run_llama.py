@@ -20,24 +20,28 @@ if __name__ == "__main__":  # Ctrl-C while torch still imports: one line and sta
 
 # The imports below take seconds, covered by the handlers above.
 import contextlib
+import json
+import math
 import shlex
 import time
 from typing import Any, Optional
 
 import torch
 
-from checkpoint import (CHECKPOINT_FORMAT, base_fingerprint, check_run_files, describe_run, load_base_model,
-                        load_classifier, load_trainable, read_saved, write_run_record)
-from classifier import build_classifier, zero_shot_classifier
-from data import Split, load_split, warn_if_labels_unused
+from causal_lm import LlamaLanguageModel, sliding_windows
+from checkpoint import (CHECKPOINT_FORMAT, base_fingerprint, build_model, check_run_files, describe_run,
+                        load_base_model, load_trainable, load_trained, read_saved, write_run_record)
+from classifier import zero_shot_classifier
+from data import Split, load_lm_split, load_split, make_batches, warn_if_labels_unused
 from datafiles import line_by_line, read_label_names
-from decoding import prepare_for_decoding, timed_generation, weight_megabytes
-from evaluate import predict, print_metrics, report, write_predictions
+from decoding import complete_batch, prepare_for_decoding, timed_generation, weight_megabytes
+from evaluate import lm_loss, predict, print_metrics, report, write_predictions
+from lmdata import ALPACA_TEMPLATE, read_prompts, read_text
 from export import run_export
 from flags import get_args
 from lora import merge_lora
 from runtime import DTYPES, Interrupted, Runtime, seed_everything, signals_interrupt, start_runtime
-from settings import Settings
+from settings import Settings, TrainedModel
 from train import fit
 from utils import UsageError, held_outputs, write_text_atomic
 
@@ -45,12 +49,27 @@ from utils import UsageError, held_outputs, write_text_atomic
 # ---------------------------------------------------------------------------------------------------------
 # one function per option
 
+def language_model(settings: Settings, runtime: Runtime, trained: Optional[TrainedModel],
+                   held: torch.dtype) -> tuple[Any, Any, dict]:
+    """The language model to generate from or score, held in `held`: the base model, or a --task lm checkpoint's
+    (its adapters merged in fp32 first, where they are exact); and the Alpaca template it was trained with."""
+    if trained is None:
+        llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device, held)
+        return llama.eval(), tokenizer, ALPACA_TEMPLATE
+    model, tokenizer = load_trained(trained.path, trained.saved, trained.model, trained.tokenizer, runtime.device)
+    return model.llama.to(held).eval(), tokenizer, trained.saved["template"]
+
+
 def generate(settings: Settings, runtime: Runtime) -> None:
     generation = settings.generation
     # quantized weights are made from the stored ones as they are read: an fp32 copy of a bf16 file would add nothing
     held = (DTYPES.get(settings.stored_dtype[0]) or torch.float32) if generation.quantize else runtime.weights_dtype
-    llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device, held)
-    llama = prepare_for_decoding(llama.eval(), generation.quantize)
+    llama, tokenizer, template = language_model(settings, runtime, generation.trained, held)
+    # llama2.c's models start each story with <s> and never saw </s>: either token ends the story
+    stop_ids = {tokenizer.bos_id, tokenizer.eos_id} if generation.stop_at_eos else set()
+    if generation.input:
+        return complete_file(llama, tokenizer, template, generation, stop_ids, runtime)
+    llama = prepare_for_decoding(llama, generation.quantize)
     if generation.quantize:
         print(f"quantized the weights to {generation.quantize} ({weight_megabytes(llama):.1f} MB)")
     prompt_ids = tokenizer.encode(generation.prompt, bos=True, eos=False)
@@ -60,8 +79,6 @@ def generate(settings: Settings, runtime: Runtime) -> None:
               f"start token (max_seq_len is {llama.config.max_seq_len})", file=sys.stderr)
         prompt_ids = prompt_ids[:1] + prompt_ids[-(room - 1):]
     idx = torch.tensor([prompt_ids], device=runtime.device)
-    # llama2.c's models start each story with <s> and never saw </s>: either token ends the story
-    stop_ids = {tokenizer.bos_id, tokenizer.eos_id} if generation.stop_at_eos else set()
     for run in generation.runs:
         with runtime.autocast(linear_layers=False):
             out, n_decoded, seconds, ended = timed_generation(llama, idx, generation.max_new_tokens, run.temperature,
@@ -81,6 +98,62 @@ def generate(settings: Settings, runtime: Runtime) -> None:
                   f"decoding steps in {seconds:.2f} s, {n_decoded / seconds:.1f} tok/s")
         write_text_atomic(run.output, sentence)
         print(f"Wrote generated sentence to {run.output}.")
+
+
+def complete_file(llama: Any, tokenizer: Any, template: dict, generation: Any, stop_ids: set[int],
+                  runtime: Runtime) -> None:
+    """--input prompts.jsonl --output out.jsonl: each line with its "completion", prompts of similar lengths
+    completed together (a prompt longer than the window keeps its end)."""
+    records = read_prompts(generation.input, "--input", template)
+    room = llama.config.max_seq_len - 1
+    prompts = [tokenizer.encode(prompt, bos=True, eos=False) for _, prompt in records]
+    n_cut = sum(len(ids) > room for ids in prompts)
+    if n_cut:
+        print(f"warning: {n_cut} prompts are longer than {room} tokens; each keeps its last {room - 1} after the "
+              f"start token (max_seq_len is {llama.config.max_seq_len})", file=sys.stderr)
+    prompts = [ids if len(ids) <= room else ids[:1] + ids[-(room - 1):] for ids in prompts]
+    temperature = generation.runs[0].temperature if len(generation.runs) == 1 else 0.0
+    completions = {}
+    start = time.perf_counter()
+    for batch in runtime.progress(make_batches([len(p) for p in prompts], generation.batch_size, shuffle=False),
+                                  "generate"):
+        with runtime.autocast(linear_layers=False):
+            new = complete_batch(llama, [prompts[i] for i in batch], generation.max_new_tokens, temperature,
+                                 tokenizer.pad_id, generation.top_k, generation.top_p, stop_ids)
+        completions.update(zip(batch, new))
+    n_new = sum(map(len, completions.values()))
+    print(f"completed {len(prompts)} prompts (temperature {temperature:g}): {n_new} new tokens in "
+          f"{time.perf_counter() - start:.1f} s")
+    write_text_atomic(generation.output, "".join(
+        json.dumps({**record, "completion": tokenizer.decode(completions[i])}, ensure_ascii=False) + "\n"
+        for i, (record, _) in enumerate(records)))
+    print(f"Wrote {len(records)} completions to {generation.output}.")
+
+
+def perplexity(settings: Settings, runtime: Runtime) -> None:
+    """--input's text as one stream (<s> first), each token after the first scored once with the context of a
+    window of max_seq_len tokens that moves by --stride."""
+    options = settings.perplexity
+    llama, tokenizer, _ = language_model(settings, runtime, options.trained, runtime.weights_dtype)
+    ids = tokenizer.encode(read_text(options.input, "--input"), bos=True, eos=False)
+    window = llama.config.max_seq_len
+    stride = options.stride or window
+    if stride > window:
+        raise UsageError(f"--stride {stride}: more than the window ({window} tokens) would leave tokens unscored; "
+                         f"give at most {window}")
+    if len(ids) < 2:
+        raise UsageError(f"--input {options.input}: holds no text to score; give it at least one word")
+    windows = sliding_windows(len(ids), window, stride)
+    split = Split("input", [], [], [ids[begin:end] for begin, end, _ in windows],
+                  trained_from=[first - begin for begin, _, first in windows])
+    loss_sum, count = lm_loss(LlamaLanguageModel(llama), split, options.batch_size, tokenizer.pad_id, runtime)
+    loss = loss_sum / count
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    print(f"perplexity {result['perplexity']:.4f} (loss {loss:.4f} over {count} tokens, {len(windows)} windows of "
+          f"at most {window}, stride {stride})")
+    if options.output:
+        write_text_atomic(options.output, json.dumps(result) + "\n")
+        print(f"Wrote {options.output}.")
 
 
 def load_splits(settings: Settings, label_names: list[str], tokenizer: Any, max_seq_len: int,
@@ -118,12 +191,14 @@ def prompt(settings: Settings, runtime: Runtime) -> None:
 def train(settings: Settings, runtime: Runtime) -> None:
     """finetune and lora: train, reload the best-dev checkpoint, report on every split."""
     training = settings.training
-    label_names = read_label_names(settings.data.label_names)
+    lm = training.task == "lm"
+    label_names = None if lm else read_label_names(settings.data.label_names)
     held = runtime.weights_dtype if training.lora else torch.float32  # full fine-tuning trains fp32 masters
     llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device, held)
     llama.gradient_checkpointing = training.gradient_checkpointing
-    model = build_classifier(llama, len(label_names), training.hidden_dropout_prob, training.lora)
-    splits = load_splits(settings, label_names, tokenizer, llama.config.max_seq_len)
+    model = build_model(llama, training.task, label_names, training.hidden_dropout_prob, training.lora)
+    splits = load_lm_splits(settings, tokenizer, llama.config.max_seq_len) if lm else \
+        load_splits(settings, label_names, tokenizer, llama.config.max_seq_len)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -133,8 +208,25 @@ def train(settings: Settings, runtime: Runtime) -> None:
     path = training.files.checkpoint
     load_trainable(model, read_saved(path, "--filepath", CHECKPOINT_FORMAT)["trainable"], path)
     merge_lora(model)  # no-op without adapters; with them, inference costs what the base model costs
-    print(f"loaded the best-dev checkpoint {path}")
-    report_splits(model, splits, label_names, settings, tokenizer.pad_id, runtime)
+    print(f"loaded the best-dev checkpoint {path}" if splits[1] else f"loaded the last epoch's checkpoint {path}")
+    if not lm:
+        return report_splits(model, splits, label_names, settings, tokenizer.pad_id, runtime)
+    for split in splits[1:]:
+        if split is not None:
+            loss_sum, count = lm_loss(model, split, settings.data.batch_size, tokenizer.pad_id, runtime)
+            print(f"{split.name} loss :: {loss_sum / count:.3f}, {split.name} perplexity :: "
+                  f"{math.exp(min(loss_sum / count, 700.0)):.3f} ({count} tokens)")
+
+
+def load_lm_splits(settings: Settings, tokenizer: Any, max_seq_len: int) -> tuple[Split, Optional[Split],
+                                                                                   Optional[Split]]:
+    """--task lm's train, dev and test (the last two where given), in windows of --block_size tokens."""
+    data, training = settings.data, settings.training
+    window = training.block_size or max_seq_len
+    if window > max_seq_len:
+        raise UsageError(f"--block_size {window}: more than the model's max_seq_len {max_seq_len}; give at most that")
+    return tuple(path and load_lm_split(name, path, tokenizer, window, training.train_on_prompt)
+                 for name, path in (("train", data.train), ("dev", data.dev), ("test", data.test)))
 
 
 def classify(settings: Settings, runtime: Runtime) -> None:
@@ -144,8 +236,8 @@ def classify(settings: Settings, runtime: Runtime) -> None:
     classify, results = settings.classify, sys.stdout
     to_file = classify.output and classify.output != "-"
     with contextlib.redirect_stdout(sys.stdout if to_file else sys.stderr):
-        model, tokenizer = load_classifier(classify.checkpoint, classify.saved, classify.model, classify.tokenizer,
-                                           runtime.device, runtime.weights_dtype)
+        model, tokenizer = load_trained(classify.checkpoint, classify.saved, classify.model, classify.tokenizer,
+                                        runtime.device, runtime.weights_dtype)
         label_names = classify.saved["label_names"]
         split = load_split("input", classify.input, label_names, tokenizer, model.llama.config.max_seq_len,
                            classify.max_sentence_len, labels_optional=True, fields=classify.fields)
@@ -162,7 +254,7 @@ def classify(settings: Settings, runtime: Runtime) -> None:
 
 
 OPTIONS = {"generate": generate, "prompt": prompt, "finetune": train, "lora": train, "classify": classify,
-           "export": lambda settings, runtime: run_export(settings)}
+           "perplexity": perplexity, "export": lambda settings, runtime: run_export(settings)}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,6 +30,16 @@ class GenerationRun:
 
 
 @dataclass(frozen=True)
+class TrainedModel:
+    """A checkpoint that finetune or lora wrote, as --filepath names it, with the base model and tokenizer that
+    override the ones it names."""
+    path: str
+    saved: dict  # its contents, read once
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class GenerationSettings:
     prompt: str
     max_new_tokens: int
@@ -38,16 +48,29 @@ class GenerationSettings:
     quantize: Optional[str]  # None, "int8" or "fp16"
     stop_at_eos: bool  # end where the model ends the story
     runs: tuple[GenerationRun, ...]  # the assignment's pair (T = 0 and 1), or one --temperature
+    trained: Optional[TrainedModel] = None  # a language model that --task lm trained, instead of the base model
+    input: Optional[str] = None  # prompts as JSONL ("prompt" or "instruction" lines), completed in batches
+    output: Optional[str] = None  # where their completions go (JSONL)
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class PerplexitySettings:
+    input: str  # the text file to score
+    stride: Optional[int]  # None: the model's window (windows that do not overlap)
+    output: Optional[str]  # a JSON file for the result, or None
+    trained: Optional[TrainedModel]  # a language model that --task lm trained, or None for the base model
+    batch_size: int
 
 
 @dataclass(frozen=True)
 class DataSettings:
     train: str  # read by prompt only with --eval_train
-    dev: str
-    test: str
-    label_names: str
-    dev_out: str
-    test_out: str
+    dev: Optional[str]  # optional (None) for the language model alone
+    test: Optional[str]
+    label_names: Optional[str]  # None for the language model
+    dev_out: Optional[str]  # predictions of a classifier; None for the language model
+    test_out: Optional[str]
     eval_train: bool
     batch_size: int
     max_sentence_len: Optional[int]
@@ -102,6 +125,13 @@ class TrainingSettings:
     micro_batch_size: Optional[int] = None  # None: the device's default (train.accumulate_gradients)
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
     fsdp: bool = False  # shard the model across torchrun's processes instead of replicating it
+    task: str = "classify"  # or "lm": the language model itself, no head
+    lr_scheduler: str = "constant"  # optimizer.SCHEDULES
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # 0: no clipping
+    train_on_prompt: bool = False  # --task lm: prompts train too, not only completions
+    block_size: Optional[int] = None  # --task lm: the window (None: the model's max_seq_len)
 
 
 @dataclass(frozen=True)
@@ -143,6 +173,7 @@ class Settings:
     training: Optional[TrainingSettings] = None
     classify: Optional[ClassifySettings] = None
     export: Optional[ExportSettings] = None
+    perplexity: Optional[PerplexitySettings] = None
     stored_dtype: tuple[Optional[str], str] = (None, "")  # (precision, "<model> is stored in"): --dtype auto's
     command: tuple[str, ...] = ()  # the flags as given
     run_record: Optional[str] = None  # <--output_dir>/run.json

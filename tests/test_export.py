@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import export
-from checkpoint import CHECKPOINT_FORMAT, load_classifier, read_saved
+from checkpoint import CHECKPOINT_FORMAT, load_trained, read_saved
 from conftest import STORIES260K, TOK512, asset
 from data import load_split, pad_batch
 from evaluate import predict
@@ -48,7 +48,7 @@ def classify_s_probabilities(exported, checkpoint, sentences):
     path = exported / "sentences.txt"
     path.write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
     saved = read_saved(str(exported / checkpoint), "--filepath", CHECKPOINT_FORMAT)
-    model, tokenizer = load_classifier(str(exported / checkpoint), saved, None, None, torch.device("cpu"))
+    model, tokenizer = load_trained(str(exported / checkpoint), saved, None, None, torch.device("cpu"))
     split = load_split("input", str(path), SST_NAMES, tokenizer, 512, saved["max_sentence_len"], labels_optional=True)
     tokens, _ = pad_batch(split.token_ids, tokenizer.pad_id)
     return tokens, predict(model, split, 8, tokenizer.pad_id, Runtime(torch.device("cpu"), None)).exp()
@@ -90,7 +90,7 @@ def test_a_peft_adapter_on_the_exported_base_gives_classify_s_probabilities(expo
 
 def test_an_exported_classifier_gives_classify_s_probabilities_in_transformers(exported):
     saved = read_saved(str(exported / "lora.pt"), "--filepath", CHECKPOINT_FORMAT)
-    model, tokenizer = load_classifier(str(exported / "lora.pt"), saved, None, None, torch.device("cpu"))
+    model, tokenizer = load_trained(str(exported / "lora.pt"), saved, None, None, torch.device("cpu"))
     split = load_split("input", str(exported / "sst-dev.txt"), SST_NAMES, tokenizer, 512, labels_optional=True)
     ours = predict(model, split, 8, tokenizer.pad_id, Runtime(torch.device("cpu"), None)).exp()
 

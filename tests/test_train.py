@@ -104,14 +104,14 @@ def test_micro_batches_give_the_gradient_of_the_whole_padded_batch():
     grads, losses = [], []
     for micro_batch in (11, 3, 1, None):
         model.zero_grad(set_to_none=True)
-        losses.append(accumulate_gradients(model, task.token_ids, task.labels, weights, 0.1, 0, micro_batch, runtime))
+        losses.append(accumulate_gradients(model, task, list(range(11)), weights, 0.1, 0, micro_batch, runtime))
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
     for loss, grad in zip(losses[1:], grads[1:]):
         assert loss == pytest.approx(losses[0], rel=1e-6)
         for name in grad:
             torch.testing.assert_close(grad[name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
     model.zero_grad(set_to_none=True)
-    first_ten = accumulate_gradients(model, task.token_ids[:10], task.labels[:10], weights[:10], 0.1, 0, 4, runtime)
+    first_ten = accumulate_gradients(model, task, list(range(10)), weights[:10], 0.1, 0, 4, runtime)
     assert first_ten == pytest.approx(losses[0], rel=1e-6)  # the filler copy weighs nothing
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
@@ -134,7 +134,7 @@ def test_a_bf16_lora_step_in_fp32_kernels_gives_the_bf16_kernels_gradients_with_
         monkeypatch.setattr(runtime_module, "cpu_has_bf16_matmul", lambda: native)
         model.llama.gradient_checkpointing = checkpointing
         model.train().zero_grad(set_to_none=True)
-        loss = accumulate_gradients(model, task.token_ids, task.labels, [1.0] * 6, 1 / 6, 0, 3, runtime)
+        loss = accumulate_gradients(model, task, list(range(6)), [1.0] * 6, 1 / 6, 0, 3, runtime)
         return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
     native_loss, native_grads = step(native=True, checkpointing=False)
