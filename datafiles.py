@@ -128,6 +128,9 @@ def _jsonl_records(lines: list[str], path: str, where: Any, fields: Fields, labe
             record = json.loads(line)
         except ValueError as e:
             raise UsageError(f"{where(line_no)}: not a JSON object ({e})") from e
+        if isinstance(record, dict) and fields.text not in record and ({"prompt", "completion"} <= record.keys()
+                                                                       or {"instruction", "output"} <= record.keys()):
+            raise UsageError(f"{where(line_no)}: a language-model example (no label); train on it with --task lm")
         if not isinstance(record, dict) or not isinstance(record.get(fields.text), str):
             raise UsageError(f"{where(line_no)}: no text field {fields.text!r}; each line must be a JSON object "
                              f'like {{"{fields.text}": "...", "{fields.label}": 1}} (see --text_field)')

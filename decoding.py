@@ -391,8 +391,9 @@ def complete_batch(llama: Llama, prompts: list[list[int]], max_new_tokens: int, 
         if not any(running):
             break
         padding_mask = torch.cat([padding_mask, padding_mask.new_ones(len(prompts), 1)], dim=1)
+        # a row that ended goes on at a position within the window, its tokens unused
         hidden = llama.hidden_states(next_token, padding_mask, kv_caches=caches, start_pos=longest + step,
-                                     positions=(lengths + step)[:, None])
+                                     positions=(lengths + step).clamp(max=window - 1)[:, None])
     return new
 
 

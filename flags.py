@@ -141,7 +141,7 @@ def add_lm_flags(lm: argparse._ArgumentGroup) -> None:
                          "prompt-completion pair loses its prompt's start) (default: the model's max_seq_len)")
     lm.add_argument("--stride", type=int, default=None,
                     help="perplexity: tokens the window moves by; each token is scored once, with the context its "
-                         "window gives (default: the window, max_seq_len)")
+                         "window gives (default: half the window, max_seq_len // 2)")
 
 
 def add_generation_flags(gen: argparse._ArgumentGroup) -> None:

@@ -137,10 +137,10 @@ def perplexity(settings: Settings, runtime: Runtime) -> None:
     llama, tokenizer, _ = language_model(settings, runtime, options.trained, runtime.weights_dtype)
     ids = tokenizer.encode(read_text(options.input, "--input"), bos=True, eos=False)
     window = llama.config.max_seq_len
-    stride = options.stride or window
-    if stride > window:
-        raise UsageError(f"--stride {stride}: more than the window ({window} tokens) would leave tokens unscored; "
-                         f"give at most {window}")
+    stride = options.stride or window // 2
+    if stride >= window:
+        raise UsageError(f"--stride {stride}: a window of {window} tokens moved by that much leaves the next one's "
+                         f"first token without context; give at most {window - 1}")
     if len(ids) < 2:
         raise UsageError(f"--input {options.input}: holds no text to score; give it at least one word")
     windows = sliding_windows(len(ids), window, stride)

@@ -102,6 +102,15 @@ def copy_of(folder, source, name):
         return write(folder, name, f.read())
 
 
+def lm_task(folder, command, name=None, content=None):
+    """The command as --task lm on language-model data (given, or a good prompt/completion file)."""
+    command.set("--task", "lm")
+    for flag in ("--label-names", "--dev", "--test", "--dev_out"):
+        command.flags.pop(flag, None)
+    command.set("--train", write(folder, name or "qa.jsonl",
+                                 content or b'{"prompt": "Q: sky?", "completion": " Blue."}\n'))
+
+
 # (case id, how to break the command, words the message must contain)
 CASES = [
     ("checkpoint missing", lambda d, a: a.set("--pretrained-model-path", "nope.pt"), ["nope.pt", "no such file"]),
@@ -139,7 +148,7 @@ CASES = [
                                                         a.set("--dev", write(d, "n.txt", b"superb ||| ok\n"))), ["n.txt", "'superb'"]),
     ("output_dir with classify", lambda d, a: (classify_input(d, a), a.set("--output_dir", "runs")), ["--output_dir", "--output"]),
     # messages that point the right way
-    ("state given as a model", lambda d, a: (a.set("--option", "generate"),
+    ("state given as a model", lambda d, a: (a.set("--option", "generate"), a.unset("--filepath"),
                                              a.set("--pretrained-model-path", state_file(d, {"format": "minllama2-training-state"}))),
      ["--pretrained-model-path", "model.pt.state", "--resume", "its checkpoint, to use elsewhere, is"]),
     ("state given to classify", lambda d, a: (classify_input(d, a), a.set("--filepath", state_file(d, {"format": "minllama2-training-state"}))),
@@ -178,7 +187,7 @@ CASES = [
     ("test_out is dev_out", lambda d, a: a.set("--test_out", "dev.txt-out"), ["--test_out", "--dev_out"]),
     ("filepath is the base model", lambda d, a: (a.set("--pretrained-model-path", copy_of(d, asset(STORIES260K), "base.pt")),
                                                 a.set("--filepath", "base.pt")), ["--filepath", "--pretrained-model-path"]),
-    ("generation out is the tokenizer", lambda d, a: (a.set("--option", "generate"), a.set("--tokenizer", copy_of(d, asset(TOK512), "t.model")),
+    ("generation out is the tokenizer", lambda d, a: (a.set("--option", "generate"), a.unset("--filepath"), a.set("--tokenizer", copy_of(d, asset(TOK512), "t.model")),
                                                       a.set("--generated_sentence_low_temp_out", "t.model")), ["--generated_sentence_low_temp_out", "--tokenizer"]),
     ("another run's checkpoint", lambda d, a: None, ["--filepath", "model.pt", "--overwrite"]),
     ("data flags mixed", lambda d, a: a.unset("--train"), ["--train", "data/cfimdb-train.txt"]),
@@ -188,6 +197,30 @@ CASES = [
     ("fsdp without torchrun", lambda d, a: (a.set("--option", "finetune"), a.add("--fsdp")), ["--fsdp", "torchrun --nproc_per_node"]),
     ("quantize with lora", lambda d, a: a.set("--quantize", "int8"), ["--quantize", "--option generate"]),
     ("quantize with finetune", lambda d, a: (a.set("--option", "finetune"), a.set("--quantize", "int8")), ["--quantize", "--option generate"]),
+    # the language model's data and flags
+    ("lm row without its fields", lambda d, a: lm_task(d, a, "x.jsonl", b'{"prompt": "a", "answer": "b"}\n'), ["x.jsonl:1", '"prompt"']),
+    ("lm prompt not a string", lambda d, a: lm_task(d, a, "x.jsonl", b'{"prompt": 3, "completion": "b"}\n'), ["x.jsonl:1", "'prompt'", "string"]),
+    ("lm completion empty", lambda d, a: lm_task(d, a, "x.jsonl", b'{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": " "}\n'), ["x.jsonl:3", "empty"]),
+    ("lm json list of numbers", lambda d, a: lm_task(d, a, "x.json", b"[1, 2]"), ["x.json:1", "language-model example"]),
+    ("lm json list not json", lambda d, a: lm_task(d, a, "x.json", b'[{"text": "a"'), ["x.json", "JSON"]),
+    ("lm forms mixed", lambda d, a: lm_task(d, a, "x.jsonl", b'{"prompt": "a", "completion": "b"}\n{"text": "c"}\n'), ["x.jsonl:2", "one form"]),
+    ("lm text not utf-8", lambda d, a: lm_task(d, a, "x.txt", b"fine\ncaf\xe9\n"), ["x.txt:2", "UTF-8"]),
+    ("lm with label names", lambda d, a: (lm_task(d, a), a.set("--label-names", write(d, "l.json", b'["a"]'))), ["--label-names", "--task classify"]),
+    ("classify on prompt/completion data", lambda d, a: a.set("--train", write(d, "qa.jsonl", b'{"prompt": "a", "completion": "b"}\n')), ["qa.jsonl", "line 1", "--task lm"]),
+    ("lm block beyond the window", lambda d, a: (lm_task(d, a), a.set("--block_size", "4096")), ["--block_size", "max_seq_len 512"]),
+    ("block size without lm", lambda d, a: a.set("--block_size", "64"), ["--block_size", "--task lm"]),
+    ("task with prompt", lambda d, a: (a.set("--option", "prompt"), a.set("--task", "lm")), ["--task", "finetune or lora"]),
+    ("warmup negative", lambda d, a: a.set("--warmup_steps", "-1"), ["--warmup_steps"]),
+    ("unknown schedule", lambda d, a: a.set("--lr_scheduler", "step"), ["--lr_scheduler", "'step'"]),
+    ("schedule with generate", lambda d, a: (a.set("--option", "generate"), a.set("--lr_scheduler", "cosine")), ["--lr_scheduler", "finetune or lora"]),
+    ("stride without perplexity", lambda d, a: a.set("--stride", "4"), ["--stride", "perplexity"]),
+    ("perplexity without input", lambda d, a: a.set("--option", "perplexity"), ["--option perplexity", "--input"]),
+    ("perplexity stride of the window", lambda d, a: (a.set("--option", "perplexity"), a.unset("--filepath"), a.set("--input", a.flags["--train"]),
+                                                      a.set("--stride", "512")), ["--stride 512", "511"]),
+    ("generate input without output", lambda d, a: (a.set("--option", "generate"), a.set("--input", a.flags["--train"])), ["--input", "--output"]),
+    ("generate prompts without a prompt", lambda d, a: (a.set("--option", "generate"), a.unset("--filepath"), a.set("--input", write(d, "p.jsonl", b'{"question": "a"}\n')),
+                                                        a.set("--output", "out.jsonl")), ["p.jsonl:1", '"prompt"']),
+    ("generate from a classifier", lambda d, a: (a.set("--option", "generate"), a.set("--filepath", a.flags["--train"])), ["--filepath", "train.txt"]),
 ]
 
 
