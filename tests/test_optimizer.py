@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import asset
-from optimizer import AdamW
+from optimizer import SCHEDULES, AdamW, decay_groups, lr_factor
 
 
 def train_linear(opt_class, **kwargs) -> torch.Tensor:
@@ -78,3 +78,30 @@ def test_weight_decay_is_decoupled_and_scaled_by_lr():
 def test_bad_hyperparameters_are_refused(kwargs):
     with pytest.raises(ValueError, match="AdamW"):
         AdamW([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_schedules_are_transformers_schedules(schedule, warmup):
+    import transformers
+
+    make = {"constant": lambda opt: transformers.get_constant_schedule_with_warmup(opt, warmup),
+            "linear": lambda opt: transformers.get_linear_schedule_with_warmup(opt, warmup, 10),
+            "cosine": lambda opt: transformers.get_cosine_schedule_with_warmup(opt, warmup, 10)}[schedule]
+    param = torch.nn.Parameter(torch.zeros(1))
+    theirs = make(torch.optim.SGD([param], lr=0.5))
+    ours = torch.optim.lr_scheduler.LambdaLR(AdamW([param], lr=0.5), lr_factor(schedule, warmup, 10))
+    for _ in range(10):
+        assert ours.get_last_lr() == pytest.approx(theirs.get_last_lr(), abs=1e-12)
+        ours.optimizer.step()
+        theirs.optimizer.step()
+        ours.step()
+        theirs.step()
+
+
+def test_weight_decay_spares_vectors():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    groups = decay_groups(model.named_parameters(), 0.1)
+    assert [[tuple(p.shape) for p in g["params"]] for g in groups] == [[(4, 3)], [(4,), (4,), (4,)]]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert len(decay_groups(model.named_parameters(), 0.0)) == 1
