@@ -146,3 +146,27 @@ def test_a_bf16_lora_step_in_fp32_kernels_gives_the_bf16_kernels_gradients_with_
     assert checkpointed_loss == loss
     for name, grad in checkpointed.items():
         assert torch.equal(grad, grads[name]), name
+
+
+def test_a_language_model_step_is_its_token_mean_whatever_the_micro_batches():
+    """The loss of a step is the sum of its tokens' losses over the step's count of trained tokens: micro-batches of
+    other sizes (a mean per micro-batch would weigh their tokens unequally) change neither it nor the gradient."""
+    from causal_lm import build_language_model
+
+    torch.manual_seed(0)
+    model = build_language_model(Llama(tiny_config()), lora=None)
+    generator = torch.Generator().manual_seed(3)
+    token_ids = [[1] + torch.randint(3, 97, (int(n),), generator=generator).tolist()
+                 for n in torch.randint(2, 20, (7,), generator=generator)]
+    task = Split("train", [], [], token_ids, trained_from=[1 + len(ids) // 2 for ids in token_ids])
+    count = sum(task.counts())
+    runtime = Runtime(torch.device("cpu"))
+    results = []
+    for micro_batch in (7, 2, 1):
+        model.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(model, task, list(range(7)), [1.0] * 7, 1 / count, 0, micro_batch, runtime)
+        results.append((loss, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, results[0][1][name], rtol=1e-5, atol=1e-7, msg=name)
