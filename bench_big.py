@@ -2,13 +2,15 @@
 32 query / 4 key-value heads, feed-forward 5632, vocab 32000, untied), saved by transformers in bf16 into a
 temporary folder (2.2 GB, never kept unless --big-dir names one), then, one process at a time so that each peak
 resident memory is its own: generate with each precision of ours beside transformers' bf16 model, and a LoRA epoch
-beside PEFT's on a bf16 base. Each row gives tokens per second (or seconds) and peak memory, and the decoding rows the
+beside PEFT's on a bf16 base, for classification and for the language model (SFT: prompt/completion pairs whose
+prompts the loss masks). Each row gives tokens per second (or seconds) and peak memory, and the decoding rows the
 bytes of weights a token reads times tokens per second beside the machine's read bandwidth (one large sum).
 
 bench.py --fsdp: full fine-tuning of a random 348M-parameter model (hidden 1024, 22 layers, fp32) by 2 processes
 under torchrun, replicated (DistributedDataParallel) and sharded (--fsdp): what each process keeps for weights,
 gradients and AdamW moments, and each process's peak resident memory.
 """
+import json
 import os
 import re
 import shutil
@@ -71,6 +73,40 @@ labels, texts = read(sys.argv[5])
 with torch.no_grad():
     for i in range(0, len(texts), batch_size):
         model(**tokenizer(texts[i:i + batch_size], padding=True, return_tensors="pt"))
+print(f"epoch 0: {time.perf_counter() - start:.0f} s, peak memory {peak_rss() / 1e9:.2f} GB")  # with dev, as ours
+"""
+
+# PEFT's side of the SFT row: the same ids and masks as ours (lmdata.py), labels -100 on prompts and padding.
+PEFT_SFT = r"""
+import sys, time, torch, transformers, peft
+from runtime import peak_rss
+from lmdata import read_lm_rows, tokenize_lm
+from tokenizer import Tokenizer
+torch.set_num_threads(int(sys.argv[3]))
+folder, batch_size = sys.argv[1], int(sys.argv[2])
+tokenizer = Tokenizer(folder + "/tokenizer.model")
+def batches(path):
+    data = tokenize_lm(*read_lm_rows(path, "--train"), tokenizer, 2048, False)
+    for i in range(0, len(data.token_ids), batch_size):
+        ids, starts = data.token_ids[i:i + batch_size], data.trained_from[i:i + batch_size]
+        longest = max(map(len, ids))
+        tokens = torch.tensor([t + [0] * (longest - len(t)) for t in ids])
+        labels = torch.tensor([[-100] * s + t[s:] + [-100] * (longest - len(t)) for t, s in zip(ids, starts)])
+        yield tokens, (torch.arange(longest)[None] < torch.tensor([len(t) for t in ids])[:, None]).long(), labels
+model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=1,
+                                                   target_modules=["q_proj", "v_proj"]))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+start = time.perf_counter()
+model.train()
+for tokens, mask, labels in batches(sys.argv[4]):
+    model(input_ids=tokens, attention_mask=mask, labels=labels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+model.eval()
+with torch.no_grad():
+    for tokens, mask, labels in batches(sys.argv[5]):
+        model(input_ids=tokens, attention_mask=mask, labels=labels)
 print(f"epoch 0: {time.perf_counter() - start:.0f} s, peak memory {peak_rss() / 1e9:.2f} GB")  # with dev, as ours
 """
 
@@ -154,21 +190,41 @@ def sst_head(folder: str, sentences: int) -> dict[str, str]:
     return data
 
 
+def sft_head(folder: str, sentences: int) -> dict[str, str]:
+    """The first SST sentences as prompt/completion pairs: the review in a prompt, its label's name the completion."""
+    names = ["terrible", "bad", "neutral", "good", "excellent"]
+    data = {}
+    for split, path in sst_head(folder, sentences).items():
+        with open(path, encoding="utf-8") as f:
+            rows = [line.split(" ||| ", 1) for line in f if line.strip()]
+        data[split] = os.path.join(folder, f"sft-{split}.jsonl")
+        with open(data[split], "w", encoding="utf-8") as out:
+            out.writelines(json.dumps({"prompt": f"Review: {text.strip()}\nRating:", "completion": f" {names[int(label)]}."})
+                           + "\n" for label, text in rows)
+    return data
+
+
 def lora_rows(folder: str, sentences: int, threads: int) -> list[str]:
-    """One LoRA epoch on the first SST training sentences, batch 8, then as many dev sentences: ours and PEFT's."""
-    data = sst_head(folder, sentences)
-    ours = [sys.executable, "run_llama.py", "--option", "lora", "--pretrained-model-path", folder, "--train",
-            data["train"], "--dev", data["dev"], "--test", data["dev"], "--label-names", "data/sst-label-mapping.json",
-            "--epochs", "1", "--batch_size", "8", "--lr", "1e-4", "--hidden_dropout_prob", "0", "--dtype", "bf16",
-            "--filepath", os.path.join(folder, "lora.pt"), "--overwrite"]
+    """One LoRA epoch on the first SST training sentences, batch 8, then as many dev sentences, ours and PEFT's: a
+    classifier, and the language model taught to answer a review with its rating (SFT)."""
+    common = ["--pretrained-model-path", folder, "--epochs", "1", "--batch_size", "8", "--lr", "1e-4", "--dtype",
+              "bf16", "--filepath", os.path.join(folder, "lora.pt"), "--overwrite"]
+    sst, sft = sst_head(folder, sentences), sft_head(folder, sentences)
+    runs = [("LoRA", "PEFT, bf16 base", [sys.executable, "-c", PEFT_LORA, folder, "8", str(threads), sst["train"],
+                                         sst["dev"]]),
+            ("LoRA", "ours, --dtype bf16", [sys.executable, "run_llama.py", "--option", "lora", *common, "--train",
+                                            sst["train"], "--dev", sst["dev"], "--test", sst["dev"], "--label-names",
+                                            "data/sst-label-mapping.json", "--hidden_dropout_prob", "0"]),
+            ("SFT LoRA", "PEFT, bf16 base", [sys.executable, "-c", PEFT_SFT, folder, "8", str(threads), sft["train"],
+                                             sft["dev"]]),
+            ("SFT LoRA", "ours, --dtype bf16", [sys.executable, "run_llama.py", "--option", "lora", "--task", "lm",
+                                                *common, "--train", sft["train"], "--dev", sft["dev"]])]
     rows = []
-    for name, command in (("PEFT, bf16 base", [sys.executable, "-c", PEFT_LORA, folder, "8", str(threads),
-                                               data["train"], data["dev"]]),
-                          ("ours, --dtype bf16", ours)):
+    for task, name, command in runs:
         out = run(command)
         epoch = re.findall(r"epoch 0: .*?(\d+) s,", out)[-1]
         peak = float(re.findall(r"peak memory ([\d.]+) GB", out)[-1])
-        rows.append(f"| LoRA, {sentences} sentences + as many dev: {name} | epoch {epoch} s | {peak:.2f} GB | |")
+        rows.append(f"| {task}, {sentences} sentences + as many dev: {name} | epoch {epoch} s | {peak:.2f} GB | |")
     return rows
 
 

@@ -347,9 +347,14 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(tensors: dict[str, torch.Tensor], described: dict, history: list[dict],
                     best_epoch: Optional[int], path: str) -> None:
-    """The classifier (its trainable tensors) after best_epoch (None: untrained, when no epoch ran)."""
+    """The trained model (its trainable tensors) after best_epoch (None: untrained, when no epoch ran)."""
     save_atomic({**described, "history": list(history), "best_epoch": best_epoch, "trainable": tensors}, path)
-    what = "the untrained classifier (no epoch ran)" if best_epoch is None else f"the best model so far (epoch {best_epoch})"
+    if best_epoch is None:
+        what = f"the untrained {'model' if described.get('task') == 'lm' else 'classifier'} (no epoch ran)"
+    elif "--dev" in described["training"]:
+        what = f"the best model so far (epoch {best_epoch})"
+    else:
+        what = f"the model of epoch {best_epoch} (no --dev to choose by)"
     print(f"saved {what} to {path}")
 
 
