@@ -105,6 +105,8 @@ def _write_files(out_dir: str, weights_name: str, weights: dict[str, torch.Tenso
         os.chmod(staging, 0o755)
         with signals_deferred():
             _swap_into_place(staging, out_dir)
+    except OSError as e:  # a full disk, a file-size limit: the folder stays as it was
+        raise UsageError(f"--output {out_dir}: could not write it ({e.strerror or e}); it is left as it was") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(staging + ".old", ignore_errors=True)

@@ -11,14 +11,16 @@ transformers orders each query/key head as [even components, odd components] ("r
 and this project interleave the pairs; the rows of wq and wk are permuted on the way in and out.
 """
 import json
+import math
 import os
+import struct
 import sys
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from config import LlamaConfig
 from utils import UsageError
@@ -159,6 +161,55 @@ def weight_files(folder: str) -> list[str]:
     return paths
 
 
+# What a safetensors header may hold before any of it is used: the dtypes a Llama checkpoint stores, and the size of a
+# header worth reading (the format allows 100 MB).
+_ITEM_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+_MAX_HEADER = 100_000_000
+
+
+def check_safetensors(path: str) -> None:
+    """Refuse, naming the file, a safetensors file whose header does not describe its own bytes: a header longer than
+    the file, a tensor whose offsets lie outside the data, overlap another's or disagree with its shape and dtype, or a
+    dtype no Llama checkpoint stores; before anything is allocated for it."""
+    def refuse(why: str) -> UsageError:
+        return UsageError(f"--pretrained-model-path {path}: not a valid safetensors file ({why}); download it again")
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise refuse("shorter than its 8-byte header length")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, _MAX_HEADER):
+            raise refuse(f"its header claims {header_len} bytes, the file has {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise refuse(f"its header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise refuse("its header is not a JSON object")
+    spans, data_size = [], size - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = math.prod(shape) if all(isinstance(d, int) and d >= 0 for d in shape) else -1
+        except (TypeError, KeyError, ValueError) as e:
+            raise refuse(f"tensor {name}'s entry is malformed ({e!r})") from e
+        if dtype not in _ITEM_SIZES:
+            raise refuse(f"tensor {name} is {dtype}; a Llama checkpoint stores {', '.join(_ITEM_SIZES)}")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size) \
+                or count < 0 or end - begin != count * _ITEM_SIZES[dtype]:
+            raise refuse(f"tensor {name}'s bytes {begin}..{end} are not its shape {shape} of {dtype} within the "
+                         f"{data_size} bytes of data")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise refuse(f"tensors {name} and {other} share bytes")
+
+
 class SafetensorsWeights(Mapping):
     """A folder's weights under our names, each read from its file (memory-mapped) only when asked for, in its
     stored dtype and our rotary layout: a model built from it never holds a second copy of the weights. With tied
@@ -168,6 +219,7 @@ class SafetensorsWeights(Mapping):
         self.config = config
         self.where: dict[str, tuple[str, str]] = {}  # our name -> (file, transformers' name)
         for path in weight_files(folder):
+            check_safetensors(path)
             with _readable(path), safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     if key.endswith("rotary_emb.inv_freq"):  # older exports store the rotary table; it is recomputed
@@ -200,7 +252,7 @@ class SafetensorsWeights(Mapping):
 def _readable(path: str) -> Iterator[None]:
     try:
         yield
-    except (OSError, RuntimeError, ValueError) as e:  # safetensors' own errors derive from these
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         raise UsageError(f"--pretrained-model-path {path}: not a readable safetensors file ({e})") from e
 
 

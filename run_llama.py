@@ -24,7 +24,7 @@ import json
 import math
 import shlex
 import time
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 
@@ -302,8 +302,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    status = main()
+def exit_with(status: int) -> NoReturn:
+    """End the process once main() has returned: the run is over and its status settled, so signals are ignored.
+    A torchrun process ends at once, without the interpreter's teardown: FSDP's modules and meshes keep the process
+    group's C++ objects (gloo's threads) alive past destroy_process_group, and destroying them during the teardown
+    aborted a process now and then ("terminate called without an active exception", exit -6) after a run had
+    finished. Every file is written, synced and renamed into place by then; only stdout and stderr need flushing."""
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop_signal, signal.SIG_IGN)  # the run is over and its status settled
+        signal.signal(stop_signal, signal.SIG_IGN)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    exit_with(main())

@@ -66,6 +66,14 @@ def pt_with_non_tensors(folder):
     return path
 
 
+def pt_with_nan(folder):
+    ckpt = torch.load(asset(STORIES260K))
+    ckpt["model"]["layers.2.feed_forward.w3.weight"][5, 7] = float("nan")
+    path = os.path.join(folder, "nan.pt")
+    torch.save(ckpt, path)
+    return path
+
+
 def classifier_checkpoint(folder):
     import torch
     path = os.path.join(folder, "trained.pt")
@@ -159,6 +167,7 @@ CASES = [
                                                      a.unset("--tokenizer")), ["hf", "no tokenizer", "--tokenizer"]),
     # hostile or damaged files
     ("checkpoint model_args huge", lambda d, a: a.set("--pretrained-model-path", pt_with_huge_model_args(d)), ["huge.pt", "plausible"]),
+    ("checkpoint holds NaN", lambda d, a: a.set("--pretrained-model-path", pt_with_nan(d)), ["nan.pt", "layers.2.feed_forward.w3.weight", "NaN"]),
     ("checkpoint holds non-tensors", lambda d, a: a.set("--pretrained-model-path", pt_with_non_tensors(d)), ["odd.pt", "tensors"]),
     ("checkpoint is a folder", lambda d, a: a.set("--pretrained-model-path", d), ["--pretrained-model-path", "config.json"]),
     ("own classifier as base model", lambda d, a: a.set("--pretrained-model-path", classifier_checkpoint(d)), ["trained.pt", "--option classify"]),

@@ -1,4 +1,5 @@
 """--option export: transformers loads what we trained and gives the same answers; the folder is written whole."""
+import errno
 import json
 import os
 
@@ -15,6 +16,7 @@ from runtime import Runtime
 from test_cli import fails, read_lines, run
 from tokenizer import Tokenizer
 from transformers_oracle import to_transformers
+from utils import UsageError
 
 SST_NAMES = ["awful", "bad", "average", "good", "excellent"]
 
@@ -164,6 +166,22 @@ def test_an_interrupted_export_leaves_the_folder_as_it_was(exported, tmp_path, m
         raise KeyboardInterrupt
     monkeypatch.setattr(export, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
+        export.write_folder(str(out), llama, Tokenizer(asset(TOK512)), {"test": 2}, overwrite=False)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert os.listdir(tmp_path) == ["out"]  # no temporary folder
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EFBIG])
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_the_folder_as_it_was(tmp_path, monkeypatch, error):
+    out = tmp_path / "out"
+    llama = load_pretrained(asset(STORIES260K))
+    export.write_folder(str(out), llama, Tokenizer(asset(TOK512)), {"test": 1}, overwrite=False)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+    def full(*args, **kwargs):
+        raise OSError(error, os.strerror(error))
+    monkeypatch.setattr(export, "save_file", full)
+    with pytest.raises(UsageError, match=f"--output {out}: could not write it \\({os.strerror(error)}\\)"):
         export.write_folder(str(out), llama, Tokenizer(asset(TOK512)), {"test": 2}, overwrite=False)
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     assert os.listdir(tmp_path) == ["out"]  # no temporary folder

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import struct
 import sys
 
 import pytest
@@ -291,3 +292,35 @@ def test_quantized_generation_reads_a_bf16_folder_as_stored_whatever_the_run_s_p
     fp32 = prepare_for_decoding(load_pretrained(str(bf16_folder[1])).eval(), "int8")
     bf16 = prepare_for_decoding(load_pretrained(str(bf16_folder[1]), torch.bfloat16).eval(), "int8")
     assert all(torch.equal(a, b) for a, b in zip(fp32.buffers(), bf16.buffers()))
+
+
+def hostile(folder, header: dict, data: bytes = b"", header_len: int = None) -> None:
+    """A model.safetensors whose header says what it likes about its data."""
+    text = json.dumps(header).encode()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(text) if header_len is None else header_len) + text + data)
+
+
+@pytest.mark.parametrize("case, header, data, header_len, words", [
+    ("header longer than the file", {}, b"", 1 << 62, "header claims 4611686018427387904 bytes"),
+    ("offsets outside the file", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, None,
+     "bytes 0..16"),
+    ("size and shape disagree", {"a": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 8]}}, b"\0" * 8, None,
+     "not its shape"),
+    ("overlapping tensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                             "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None,
+     "share bytes"),
+    ("dtype we do not read", {"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, None, "is I64"),
+    ("header not json", None, b"", None, "not JSON"),
+])
+def test_a_hostile_safetensors_header_is_refused_in_one_line_before_any_allocation(hf_folders, tmp_path, case,
+                                                                                    header, data, header_len, words):
+    folder = edited_copy(hf_folders[1], tmp_path)
+    if header is None:
+        with open(folder / "model.safetensors", "wb") as f:
+            f.write(struct.pack("<Q", 5) + b"{oops")
+    else:
+        hostile(folder, header, data, header_len)
+    with pytest.raises(UsageError, match="model.safetensors: not a valid safetensors file") as refused:
+        load_pretrained(str(folder))
+    assert words in str(refused.value) and "\n" not in str(refused.value)
