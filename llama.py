@@ -367,7 +367,7 @@ def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32) -> Llam
             raise UsageError(f"checkpoint {checkpoint}: tensor {name} has shape {tuple(tensor.shape)} but its config "
                              f"give {tuple(parameter.shape)}; the file is inconsistent")
         held[name] = tensor.to(dtype)
-        if not torch.isfinite(held[name]).all():  # a damaged file, or one whose training diverged
+        if not all(bound.isfinite() for bound in torch.aminmax(held[name])):  # damaged, or diverged; no copy made
             raise UsageError(f"checkpoint {checkpoint}: tensor {name} holds NaN or infinite values; the file is "
                              f"damaged or its training diverged: use another checkpoint")
     model.load_state_dict(held, strict=False, assign=True)  # every name was checked above
