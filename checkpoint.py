@@ -365,6 +365,7 @@ def save_sharded_state(path: str, record: dict, model: nn.Module, optimizer: tor
     that names them, and removes the shards of earlier epochs. The file is replaced last and atomically, so a
     crash at any moment leaves the previous state whole. A state can be read back by any number of processes."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     shards = f"{path}.shards-{record['epoch']}"
@@ -372,13 +373,29 @@ def save_sharded_state(path: str, record: dict, model: nn.Module, optimizer: tor
         shutil.rmtree(shards)  # an attempt that a crash cut short
     runtime.barrier()
     weights, moments = get_state_dict(model, optimizer)
-    dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=shards)
+    try:
+        dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=shards)
+    except CheckpointException as e:  # every process gets it, once every process has stopped writing
+        if runtime.is_main:
+            shutil.rmtree(shards, ignore_errors=True)
+        raise UsageError(f"could not write {shards}: {_first_os_error(e)}; free some space or pick another "
+                         f"--filepath (the previous state, if any, is unchanged)") from None
     runtime.barrier()
     if runtime.is_main:
         save_atomic({**record, "trainable": {}, "optimizer": {}, "shards": os.path.basename(shards)}, path)
         for old in glob.glob(glob.escape(path) + ".shards-*"):
             if old != shards:
                 shutil.rmtree(old)
+
+
+def _first_os_error(failure: BaseException) -> str:
+    """What went wrong in a failed distributed save, in a few words: the first OSError among the processes'."""
+    for error, _ in failure.failures.values():
+        while error is not None and not isinstance(error, OSError):
+            error = error.__cause__ or error.__context__
+        if error is not None:
+            return error.strerror or str(error)
+    return str(next(iter(failure.failures.values()))[0])
 
 
 def load_sharded_state(path: str, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -1,4 +1,5 @@
 """Predict labels in input order, measure them (accuracy, macro-F1, confusion matrix), write prediction files."""
+import math
 from typing import Optional
 
 import torch
@@ -7,6 +8,11 @@ from causal_lm import next_token_targets
 from data import Split, make_batches, pad_batch
 from datafiles import write_examples
 from runtime import Runtime
+from utils import UsageError
+
+
+class NonFiniteScores(UsageError):
+    """The model's scores overflowed (its precision) or were NaN (its weights)."""
 
 
 @torch.inference_mode()
@@ -23,7 +29,15 @@ def predict(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, 
             log_probs = model(tokens.to(runtime.device), batch_lengths.to(runtime.device))
         scored.update(zip(indices, log_probs.float().cpu()))
     merged = {i: row for part in runtime.gather(scored) for i, row in part.items()}
-    return torch.stack([merged[i] for i in range(len(lengths))])
+    log_probs = torch.stack([merged[i] for i in range(len(lengths))])
+    broken = (~log_probs.isfinite().all(dim=-1)).nonzero()
+    if len(broken):
+        first = int(broken[0])
+        where = f"line {split.lines[first]}" if split.lines else f"example {first + 1}"
+        raise NonFiniteScores(f"the model's scores of {len(broken)} {split.name} examples are NaN or infinite (the first "
+                         f"at {where}): {runtime.dtype} overflows in this model or its weights hold NaN; "
+                         f"try --dtype fp32")
+    return log_probs
 
 
 @torch.inference_mode()
@@ -42,7 +56,11 @@ def lm_loss(model: torch.nn.Module, split: Split, batch_size: int, pad_id: int, 
             losses = model(tokens.to(runtime.device), targets.to(runtime.device)).double().cpu()
         scored.update(zip(indices, (part.sum().item() for part in losses.split([counts[i] for i in indices]))))
     merged = {i: loss for part in runtime.gather(scored) for i, loss in part.items()}  # a repeated batch counts once
-    return sum(merged.values()), sum(counts)
+    total = sum(merged.values())
+    if not math.isfinite(total):
+        raise NonFiniteScores(f"the model's {split.name} loss is {total}: {runtime.dtype} overflows in this model or its "
+                         f"weights hold NaN; try --dtype fp32")
+    return total, sum(counts)
 
 
 def metrics(labels: list[int], predictions: list[int]) -> tuple[float, float]:

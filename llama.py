@@ -307,6 +307,9 @@ def attention_mask(seqlen: int, start_pos: int, padding_mask: Optional[torch.Ten
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
                       top_p: Optional[float] = None) -> torch.Tensor:
     """logits (batch, vocab) -> next token ids (batch, 1)."""
+    if not logits.isfinite().all():  # argmax would pick the NaN, multinomial would end in a traceback
+        raise UsageError("the model's next-token scores are NaN or infinite: its precision overflows in this model "
+                         "or its weights hold NaN; try --dtype fp32 (and no --quantize)")
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     # Shift the best logit to 0 before dividing: a tiny temperature then sends the others to -inf, never to

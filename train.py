@@ -26,7 +26,7 @@ from causal_lm import next_token_targets
 from checkpoint import (STATE_FORMAT, load_sharded_state, load_trainable, rng_state, save_checkpoint,
                         save_sharded_state, set_rng_state, trainable_state)
 from data import Split, make_batches, micro_batches, pad_batch, shard
-from evaluate import lm_loss, metrics, predict
+from evaluate import NonFiniteScores, lm_loss, metrics, predict
 from optimizer import AdamW, decay_groups, lr_factor
 from runtime import Interrupted, Runtime
 from settings import Settings
@@ -102,7 +102,7 @@ class Training:
             loss_sum = accumulate_gradients(self.trainer, train, mine, weights, runtime.world_size / step_count,
                                             pad_id, self.settings.training.micro_batch_size, runtime, self.scaler)
             batch_loss = runtime.sum(loss_sum)  # over all processes; NaN anywhere stops all, before the step
-            self.check_finite("training loss", batch_loss, epoch, step)
+            self.check_finite("training loss", batch_loss, f"at epoch {epoch}, step {step}")
             self.clip_gradients(epoch, step)
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -115,11 +115,11 @@ class Training:
             bar.set_postfix(loss=f"{total_loss / n_counted:.3f}", ex_per_s=f"{n_seen / (time.perf_counter() - start):.1f}")
         return total_loss, n_counted, n_seen
 
-    def check_finite(self, what: str, value: float, epoch: int, step: int) -> None:
+    def check_finite(self, what: str, value: float, when: str) -> None:
         if not math.isfinite(value):
             saved = (f"; the best checkpoint so far is kept in {self.files.checkpoint}"
                      if self.progress.best_epoch is not None else "")
-            raise UsageError(f"{what} became {value} at epoch {epoch}, step {step}; lower --lr{saved}")
+            raise UsageError(f"{what} became {value} {when}; lower --lr{saved}")
 
     def clip_gradients(self, epoch: int, step: int) -> None:
         """--max_grad_norm: scale the gradients (all processes' together) to that norm at most, as torch's
@@ -132,7 +132,7 @@ class Training:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under --fsdp
         if not self.scaler.is_enabled():
-            self.check_finite("the gradient norm", norm, epoch, step)
+            self.check_finite("the gradient norm", norm, f"at epoch {epoch}, step {step}")
 
     def report_memory(self) -> None:
         """What each process keeps for the weights, their gradients and AdamW's moments (its shards under --fsdp)."""
@@ -155,7 +155,10 @@ class Training:
         effect once the state covers this epoch."""
         entry = {"epoch": epoch, "train_loss": train_loss / max(n_counted, 1)}
         if dev is not None:
-            entry.update(dev_metrics(self.model, dev, self.settings.data.batch_size, pad_id, self.runtime))
+            try:
+                entry.update(dev_metrics(self.model, dev, self.settings.data.batch_size, pad_id, self.runtime))
+            except NonFiniteScores:  # the epoch's last steps broke the weights: the loss had no step left to show it
+                self.check_finite("the dev scores", math.nan, f"after the last step of epoch {epoch}")
         with signals_deferred():
             self._save_epoch(entry, n_seen, start, train_seconds)
 

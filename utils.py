@@ -222,23 +222,26 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     target = os.path.realpath(path)
     folder = os.path.dirname(target)
     with signals_deferred():
-        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
+        tmp_path = None
         try:
+            fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
             with open(fd, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp_path, _mode_for(target))  # mkstemp makes files private
             os.replace(tmp_path, target)
+            tmp_path = None
+            fsync_folder(folder)
         except BaseException as e:
-            os.unlink(tmp_path)
+            if tmp_path is not None:
+                os.unlink(tmp_path)
             # torch.save reports a failed write as a RuntimeError around the OSError
             cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__ if isinstance(e, RuntimeError) else None
             if isinstance(cause, OSError):
                 raise UsageError(f"could not write {path}: {cause.strerror}; free some space or pick another path "
                                  f"(the previous file, if any, is unchanged)") from e
             raise
-        fsync_folder(folder)
 
 
 def fsync_folder(folder: str) -> None:

@@ -1,5 +1,7 @@
 """Shared fixtures: where setup.sh put the assets, tiny configs, and a script's one-line error."""
+import contextlib
 import os
+import resource
 import sys
 
 import pytest
@@ -35,6 +37,17 @@ def tiny_config(**overrides) -> LlamaConfig:
 def tiny_model() -> Llama:
     torch.manual_seed(0)
     return Llama(tiny_config()).eval()
+
+
+@contextlib.contextmanager
+def file_size_limit(n_bytes: int):
+    """Files this process writes stop growing at n_bytes (EFBIG, as `ulimit -f` gives; Python ignores SIGXFSZ)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def one_line_error(main, argv: list[str], monkeypatch, capsys) -> str:

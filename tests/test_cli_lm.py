@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from conftest import STORIES260K, TOK512, asset
+from conftest import STORIES260K, TOK512, asset, file_size_limit
 from lmdata import read_lm_rows, tokenize_lm
-from test_cli import fails, model_flags, run
+from test_cli import fails, model_flags, run, sst_subset  # noqa: F401 (a fixture)
 from tokenizer import Tokenizer
 
 QA = [("What color is the sky?", "The sky is blue."), ("What does a cat say?", "A cat says meow."),
@@ -148,3 +148,20 @@ def test_an_exported_lm_and_its_peft_adapter_generate_our_text(tmp_path, qa):
                                      tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft(out).logits, merged(out).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_every_output_that_cannot_be_written_is_one_line_and_leaves_no_file(tmp_path, sst_subset, capsys):
+    """A file-size limit (as `ulimit -f` sets) on the outputs of generate, perplexity and the zero-shot predictions:
+    one line naming the file and the cause, exit 2, and the folder holds what it held before."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": STORY[:40]}])
+    (tmp_path / "story.txt").write_text(STORY, encoding="utf-8")
+    runs = {"out.jsonl": ["--option", "generate", "--input", prompts, "--output", "out.jsonl", "--max_new_tokens", "8"],
+            "ppl.json": ["--option", "perplexity", "--input", "story.txt", "--output", "ppl.json"],
+            "dev.txt": ["--option", "prompt", *sst_subset, "--dev_out", "dev.txt", "--test_out", "test.txt"]}
+    import sklearn.metrics  # noqa: F401 (imported here: joblib's import makes a file, which the limit would fail)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for output, args in runs.items():
+        with file_size_limit(16):
+            line = fails([*args, *model_flags()], tmp_path, capsys)
+        assert line.startswith(f"error: could not write {output}: File too large"), line
+        assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -74,6 +74,15 @@ def pt_with_nan(folder):
     return path
 
 
+def pt_that_overflows(folder):
+    """Finite weights whose scores are not: the last norm's gain is near float32's largest value."""
+    ckpt = torch.load(asset(STORIES260K))
+    ckpt["model"]["norm.weight"].fill_(1e38)
+    path = os.path.join(folder, "loud.pt")
+    torch.save(ckpt, path)
+    return path
+
+
 def classifier_checkpoint(folder):
     import torch
     path = os.path.join(folder, "trained.pt")
@@ -168,6 +177,14 @@ CASES = [
     # hostile or damaged files
     ("checkpoint model_args huge", lambda d, a: a.set("--pretrained-model-path", pt_with_huge_model_args(d)), ["huge.pt", "plausible"]),
     ("checkpoint holds NaN", lambda d, a: a.set("--pretrained-model-path", pt_with_nan(d)), ["nan.pt", "layers.2.feed_forward.w3.weight", "NaN"]),
+    ("greedy scores overflow", lambda d, a: (a.set("--option", "generate"), a.unset("--filepath"), a.set("--pretrained-model-path", pt_that_overflows(d))),
+     ["next-token scores", "infinite", "--dtype fp32"]),
+    ("sampled scores overflow", lambda d, a: (a.set("--option", "generate"), a.unset("--filepath"), a.set("--temperature", "1"),
+                                              a.set("--pretrained-model-path", pt_that_overflows(d))), ["next-token scores", "infinite"]),
+    ("zero-shot scores overflow", lambda d, a: (a.set("--option", "prompt"), a.set("--pretrained-model-path", pt_that_overflows(d))),
+     ["scores of 2 dev examples", "line 1", "--dtype fp32"]),
+    ("perplexity overflows", lambda d, a: (a.set("--option", "perplexity"), a.unset("--filepath"), a.set("--input", a.flags["--train"]),
+                                           a.set("--pretrained-model-path", pt_that_overflows(d))), ["input loss is", "--dtype fp32"]),
     ("checkpoint holds non-tensors", lambda d, a: a.set("--pretrained-model-path", pt_with_non_tensors(d)), ["odd.pt", "tensors"]),
     ("checkpoint is a folder", lambda d, a: a.set("--pretrained-model-path", d), ["--pretrained-model-path", "config.json"]),
     ("own classifier as base model", lambda d, a: a.set("--pretrained-model-path", classifier_checkpoint(d)), ["trained.pt", "--option classify"]),
@@ -383,11 +400,33 @@ def test_a_non_finite_loss_in_the_first_epoch_names_no_checkpoint(tmp_path, monk
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_best_checkpoint(tmp_path, monkeypatch, capsys):
+    import train
+
     monkeypatch.chdir(tmp_path)
     command = Command(str(tmp_path))
     command.set("--epochs", "3")
-    command.set("--lr", "1e30")
+    real = train.accumulate_gradients
+    steps = []  # one a epoch: the loss of epoch 1's turns NaN
+
+    def diverging(*args, **kwargs):
+        steps.append(real(*args, **kwargs))
+        return steps[-1] if len(steps) == 1 else float("nan")
+
+    monkeypatch.setattr(train, "accumulate_gradients", diverging)
     assert run_llama.main(command.argv()) == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
-    assert last_line.startswith("error: training loss became") and "--lr" in last_line
-    assert os.path.isfile(tmp_path / "model.pt")
+    assert last_line.startswith("error: training loss became nan at epoch 1, step 0; lower --lr")
+    assert "the best checkpoint so far is kept in model.pt" in last_line
+    assert torch.load(tmp_path / "model.pt")["trainable"]  # epoch 0's
+
+
+def test_weights_that_the_last_step_of_an_epoch_broke_are_never_kept(tmp_path, monkeypatch, capsys):
+    """One step an epoch at lr 1e30: its loss is finite, the weights after it are not. The dev scores show it."""
+    monkeypatch.chdir(tmp_path)
+    command = Command(str(tmp_path))
+    command.set("--option", "finetune")
+    command.set("--lr", "1e30")
+    assert run_llama.main(command.argv()) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: the dev scores became nan after the last step of epoch 0; lower --lr")
+    assert not os.path.exists(tmp_path / "model.pt")

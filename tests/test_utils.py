@@ -31,6 +31,19 @@ def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
     assert os.listdir(tmp_path) == ["out.txt"]  # no temporary file left behind
 
 
+def test_a_temporary_file_that_cannot_be_made_is_one_line_too(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def no_inodes_left(**kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_inodes_left)
+    with pytest.raises(UsageError, match="could not write .*out.txt: No space left on device"):
+        write_text_atomic(str(tmp_path / "out.txt"), "x")
+    assert os.listdir(tmp_path) == []
+
+
 def test_missing_output_folders_are_made_and_removed_again_if_left_empty(tmp_path):
     kept, dropped = tmp_path / "runs" / "a" / "out.txt", tmp_path / "runs" / "b" / "c" / "out.txt"
     with held_outputs([("--dev_out", str(kept)), ("--test_out", str(dropped))]):
