@@ -39,11 +39,11 @@ class Split:
 def tokenize(examples: list[Example], tokenizer: Tokenizer, max_seq_len: int,
              max_sentence_len: Optional[int] = None, prompt_suffix: Optional[list[int]] = None,
              label_room: int = 0) -> tuple[list[list[int]], int]:
-    """Token ids of each sentence: bos + sentence + suffix (zero-shot; the label is appended later) or
-    bos + sentence + eos. Only the sentence is ever cut: to max_sentence_len, and to what the model's window
+    """Token ids of each sentence: the tokenizer's prefix (<s>) + sentence + suffix (zero-shot; the label is
+    appended later) or prefix + sentence + eos. Only the sentence is ever cut: to max_sentence_len, and to what the model's window
     leaves beside the suffix and the label. Returns the ids and how many sentences the window cut."""
     tail = prompt_suffix if prompt_suffix is not None else [tokenizer.eos_id]
-    room = max_seq_len - 1 - len(tail) - label_room
+    room = max_seq_len - len(tokenizer.prefix) - len(tail) - label_room
     if room <= 0:
         raise UsageError(f"the prompt and labels need {max_seq_len - room} tokens, more than the model's "
                          f"max_seq_len {max_seq_len}; use shorter --label-names")
@@ -51,7 +51,7 @@ def tokenize(examples: list[Example], tokenizer: Tokenizer, max_seq_len: int,
     for example in examples:
         body = tokenizer.encode(example.sentence, bos=False, eos=False)[:max_sentence_len]
         n_cut += len(body) > room
-        token_ids.append([tokenizer.bos_id] + body[:room] + tail)
+        token_ids.append(tokenizer.prefix + body[:room] + tail)
     return token_ids, n_cut
 
 

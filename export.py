@@ -53,23 +53,30 @@ def write_folder(out_dir: str, llama: Llama, tokenizer: Tokenizer, source: dict[
     weights = hf_weights(base, llama.config, llama.tied_embeddings)
     config = {**hf_config(llama.config, llama.tied_embeddings), "pad_token_id": tokenizer.pad_id,
               "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    tokenizer_config = hf_tokenizer_config(tokenizer.piece(tokenizer.pad_id), llama.config.max_seq_len, False)
+    tokenizer_config, text_suffix = tokenizer_setup(tokenizer, llama.config.max_seq_len, head is not None,
+                                                    max_sentence_len)
     if head is not None:
         weights.pop("lm_head.weight", None)  # a classifier's output is `score`
         weights["score.weight"] = head.detach().float().contiguous()
         config.update(architectures=["LlamaForSequenceClassification"], problem_type="single_label_classification",
                       id2label={str(i): name for i, name in enumerate(label_names)},
                       label2id={name: i for i, name in enumerate(label_names)})
-        tokenizer_config = classifier_tokenizer_config(tokenizer, llama.config.max_seq_len, max_sentence_len)
     _write_files(os.path.abspath(out_dir), WEIGHTS_FILE, weights, {CONFIG_FILE: config, EXPORT_MARK: source,
-                                                                   "tokenizer_config.json": tokenizer_config}, tokenizer)
+                                                                   "tokenizer_config.json": tokenizer_config},
+                 tokenizer, text_suffix)
 
 
-def classifier_tokenizer_config(tokenizer: Tokenizer, max_seq_len: int, max_sentence_len: Optional[int]) -> dict:
-    """A classifier's tokenizer cuts as classify does: the sentence to max_sentence_len tokens and to the window,
-    <s> and </s> kept around it."""
-    longest = max_seq_len if max_sentence_len is None else min(max_seq_len, max_sentence_len + 2)
-    return hf_tokenizer_config(tokenizer.piece(tokenizer.pad_id), longest, classifier=True)
+def tokenizer_setup(tokenizer: Tokenizer, max_seq_len: int, classifier: bool,
+                    max_sentence_len: Optional[int]) -> tuple[dict, list[int]]:
+    """tokenizer_config.json, and the ids the exported tokenizer puts after a text. A language model's tokenizer
+    puts around a text what ours does; a classifier's ends it with </s> (its head reads it) and cuts as classify
+    does: the sentence to max_sentence_len tokens and to the window, the prefix (<s>) and </s> kept around it."""
+    suffix = [tokenizer.eos_id] if classifier else tokenizer.suffix
+    longest = max_seq_len
+    if classifier and max_sentence_len is not None:
+        longest = min(max_seq_len, max_sentence_len + len(tokenizer.prefix) + 1)
+    config = hf_tokenizer_config(tokenizer.piece(tokenizer.pad_id), longest, bool(tokenizer.prefix), bool(suffix))
+    return config, suffix
 
 
 def write_adapter(out_dir: str, saved: dict, llama: Llama, tokenizer: Tokenizer, source: dict[str, Any],
@@ -79,25 +86,25 @@ def write_adapter(out_dir: str, saved: dict, llama: Llama, tokenizer: Tokenizer,
     base model."""
     check_export_folder(out_dir, overwrite)
     adapter_config, tensors = peft_adapter(saved["trainable"], llama.config, saved["lora"], base)
-    tokenizer_config = hf_tokenizer_config(tokenizer.piece(tokenizer.pad_id), llama.config.max_seq_len, False) \
-        if saved["task"] == "lm" else classifier_tokenizer_config(tokenizer, llama.config.max_seq_len,
-                                                                   saved["max_sentence_len"])
+    tokenizer_config, text_suffix = tokenizer_setup(tokenizer, llama.config.max_seq_len, saved["task"] != "lm",
+                                                    saved["max_sentence_len"])
     _write_files(os.path.abspath(out_dir), ADAPTER_WEIGHTS, tensors,
                  {ADAPTER_CONFIG: adapter_config, "tokenizer_config.json": tokenizer_config,
-                  EXPORT_MARK: {**source, "label_names": saved["label_names"]}}, tokenizer)
+                  EXPORT_MARK: {**source, "label_names": saved["label_names"]}}, tokenizer, text_suffix)
 
 
 def _write_files(out_dir: str, weights_name: str, weights: dict[str, torch.Tensor], json_files: dict[str, dict],
-                 tokenizer: Tokenizer) -> None:
+                 tokenizer: Tokenizer, text_suffix: list[int]) -> None:
     """Write the folder beside out_dir and rename it into place: out_dir holds the old folder or the new one,
-    never part of one. An interruption leaves no temporary folder behind."""
+    never part of one; its tokenizer ends a text with text_suffix. An interruption leaves no temporary folder
+    behind."""
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=os.path.dirname(out_dir))
     try:
         save_file(weights, os.path.join(staging, weights_name), metadata={"format": "pt"})
         for name, content in json_files.items():
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2)
-        shutil.copyfile(tokenizer.model_path, os.path.join(staging, tokenizer.file_name))
+        tokenizer.write_file(os.path.join(staging, tokenizer.file_name), text_suffix)
         for name in os.listdir(staging):
             os.chmod(os.path.join(staging, name), 0o644)  # safetensors and mkdtemp make private files
             with open(os.path.join(staging, name), "rb") as f:

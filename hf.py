@@ -307,11 +307,11 @@ def hf_weights(state_dict: dict[str, torch.Tensor], config: LlamaConfig, tied: b
     return out
 
 
-def hf_tokenizer_config(pad_piece: str, max_length: int, classifier: bool) -> dict[str, Any]:
-    """tokenizer_config.json that makes transformers' tokenizer give our ids: <s> first (and </s> last for a
-    classifier, whose head reads it), special tokens' text read as text, as sentencepiece reads it, and with
-    truncation=True the sentence cut so that the ids, <s> and </s> included, are at most max_length."""
-    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": classifier,
+def hf_tokenizer_config(pad_piece: str, max_length: int, bos: bool, eos: bool) -> dict[str, Any]:
+    """tokenizer_config.json that makes transformers' tokenizer give our ids: <s> first and </s> last as we put them
+    (a tokenizer.json's post-processor says the same), special tokens' text read as text, as sentencepiece reads it,
+    and with truncation=True the sentence cut so that the ids, <s> and </s> included, are at most max_length."""
+    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": bos, "add_eos_token": eos,
             "pad_token": pad_piece, "padding_side": "right", "truncation_side": "right",
             "model_max_length": max_length, "split_special_tokens": True}
 

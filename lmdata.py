@@ -124,24 +124,26 @@ def read_lm_rows(path: str, flag: str, template: dict[str, str] = ALPACA_TEMPLAT
 
 
 def text_blocks(rows: list[Row], tokenizer: Tokenizer, block_size: int) -> list[list[int]]:
-    """Raw text as one stream ([BOS] doc [EOS] doc ...) in windows of block_size that overlap by one token."""
-    stream = [tokenizer.bos_id]
+    """Raw text as one stream (the tokenizer's prefix, <s>, then doc [EOS] doc ...) in windows of block_size that
+    overlap by one token."""
+    stream = list(tokenizer.prefix)
     for n, row in enumerate(rows):
         stream += ([tokenizer.eos_id] if n else []) + tokenizer.encode(row.completion, bos=False, eos=False)
     step = block_size - 1
     return [stream[start:start + block_size] for start in range(0, max(len(stream) - 1, 1), step)]
 
 
-def fit_pair(prompt: list[int], completion: list[int], bos: int, eos: int, window: int,
+def fit_pair(prompt: list[int], completion: list[int], prefix: list[int], eos: int, window: int,
              train_on_prompt: bool) -> tuple[list[int], int, bool]:
-    """(ids, trained_from, whether it was cut) of one pair in at most `window` tokens: the prompt is cut from the
-    left so that the completion survives; a completion that does not fit alone is cut at its end (and has no EOS)."""
-    room = window - 2 - len(completion)  # what the prompt may keep beside BOS, the completion and EOS
+    """(ids, trained_from, whether it was cut) of one pair in at most `window` tokens, after the tokenizer's prefix
+    (<s>): the prompt is cut from the left so that the completion survives; a completion that does not fit alone is
+    cut at its end (and has no EOS). The first token is never trained: nothing comes before it."""
+    room = window - len(prefix) - 1 - len(completion)  # what the prompt may keep beside the rest
     if room >= 0:
         kept = prompt[len(prompt) - min(room, len(prompt)):]
-        ids = [bos] + kept + completion + [eos]
-        return ids, 1 if train_on_prompt else 1 + len(kept), len(kept) < len(prompt)
-    return [bos] + completion[:window - 1], 1, True
+        ids = prefix + kept + completion + [eos]
+        return ids, max(1, len(prefix) if train_on_prompt else len(prefix) + len(kept)), len(kept) < len(prompt)
+    return prefix + completion[:window - len(prefix)], max(1, len(prefix)), True
 
 
 def tokenize_lm(kind: str, rows: list[Row], tokenizer: Tokenizer, window: int, train_on_prompt: bool) -> LMData:
@@ -151,7 +153,7 @@ def tokenize_lm(kind: str, rows: list[Row], tokenizer: Tokenizer, window: int, t
     token_ids, trained_from, n_cut = [], [], 0
     for row in rows:
         ids, start, cut = fit_pair(tokenizer.encode(row.prompt, bos=False, eos=False),
-                                   tokenizer.encode(row.completion, bos=False, eos=False), tokenizer.bos_id,
+                                   tokenizer.encode(row.completion, bos=False, eos=False), tokenizer.prefix,
                                    tokenizer.eos_id, window, train_on_prompt)
         token_ids.append(ids)
         trained_from.append(start)

@@ -72,12 +72,12 @@ def generate(settings: Settings, runtime: Runtime) -> None:
     llama = prepare_for_decoding(llama, generation.quantize)
     if generation.quantize:
         print(f"quantized the weights to {generation.quantize} ({weight_megabytes(llama):.1f} MB)")
-    prompt_ids = tokenizer.encode(generation.prompt, bos=True, eos=False)
+    prompt_ids = tokenizer.encode_text(generation.prompt)
     room = llama.config.max_seq_len - 1
     if len(prompt_ids) > room:
-        print(f"warning: the prompt has {len(prompt_ids)} tokens; keeping its last {room - 1} after the "
-              f"start token (max_seq_len is {llama.config.max_seq_len})", file=sys.stderr)
-        prompt_ids = prompt_ids[:1] + prompt_ids[-(room - 1):]
+        print(f"warning: the prompt has {len(prompt_ids)} tokens; keeping its last {room - len(tokenizer.prefix)} "
+              f"after the start token (max_seq_len is {llama.config.max_seq_len})", file=sys.stderr)
+        prompt_ids = keep_end(prompt_ids, room, len(tokenizer.prefix))
     idx = torch.tensor([prompt_ids], device=runtime.device)
     for run in generation.runs:
         with runtime.autocast(linear_layers=False):
@@ -100,18 +100,24 @@ def generate(settings: Settings, runtime: Runtime) -> None:
         print(f"Wrote generated sentence to {run.output}.")
 
 
+def keep_end(ids: list[int], room: int, n_prefix: int) -> list[int]:
+    """A prompt's ids in at most room tokens: the tokenizer's prefix (<s>) and the prompt's end."""
+    return ids if len(ids) <= room else ids[:n_prefix] + ids[len(ids) - (room - n_prefix):]
+
+
 def complete_file(llama: Any, tokenizer: Any, template: dict, generation: Any, stop_ids: set[int],
                   runtime: Runtime) -> None:
     """--input prompts.jsonl --output out.jsonl: each line with its "completion", prompts of similar lengths
     completed together (a prompt longer than the window keeps its end)."""
     records = read_prompts(generation.input, "--input", template)
     room = llama.config.max_seq_len - 1
-    prompts = [tokenizer.encode(prompt, bos=True, eos=False) for _, prompt in records]
+    prompts = [tokenizer.encode_text(prompt) for _, prompt in records]
     n_cut = sum(len(ids) > room for ids in prompts)
     if n_cut:
-        print(f"warning: {n_cut} prompts are longer than {room} tokens; each keeps its last {room - 1} after the "
-              f"start token (max_seq_len is {llama.config.max_seq_len})", file=sys.stderr)
-    prompts = [ids if len(ids) <= room else ids[:1] + ids[-(room - 1):] for ids in prompts]
+        print(f"warning: {n_cut} prompts are longer than {room} tokens; each keeps its last "
+              f"{room - len(tokenizer.prefix)} after the start token (max_seq_len is {llama.config.max_seq_len})",
+              file=sys.stderr)
+    prompts = [keep_end(ids, room, len(tokenizer.prefix)) for ids in prompts]
     temperature = generation.runs[0].temperature if len(generation.runs) == 1 else 0.0
     completions = {}
     start = time.perf_counter()
@@ -131,11 +137,11 @@ def complete_file(llama: Any, tokenizer: Any, template: dict, generation: Any, s
 
 
 def perplexity(settings: Settings, runtime: Runtime) -> None:
-    """--input's text as one stream (<s> first), each token after the first scored once with the context of a
+    """--input's text as one stream (between the tokenizer's special tokens: <s> first with Llama's), each token after the first scored once with the context of a
     window of max_seq_len tokens that moves by --stride."""
     options = settings.perplexity
     llama, tokenizer, _ = language_model(settings, runtime, options.trained, runtime.weights_dtype)
-    ids = tokenizer.encode(read_text(options.input, "--input"), bos=True, eos=False)
+    ids = tokenizer.encode_text(read_text(options.input, "--input"))
     window = llama.config.max_seq_len
     stride = options.stride or window // 2
     if stride >= window:

@@ -4,6 +4,7 @@ Both give the same ids for the same vocabulary; text is always text ("<s>" in a 
 sentencepiece reads it, never the start token)."""
 import json
 import os
+import shutil
 from typing import List, Optional
 
 from sentencepiece import SentencePieceProcessor
@@ -11,6 +12,7 @@ from sentencepiece import SentencePieceProcessor
 from utils import UsageError, require_file
 
 TOKENIZER_MODEL = "tokenizer.model"  # Llama 2's 32000-piece model, the one stories15M/42M/110M use
+_PROBE = "Once upon a time"  # any text: a post-processor's special tokens show around its ids
 
 
 class _TokenizerJson:
@@ -46,6 +48,26 @@ class _TokenizerJson:
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def specials_around(self) -> tuple[List[int], List[int]]:
+        """The ids its post-processor puts before and after a text's, as transformers' tokenizer(text) adds them
+        (tokenizer_config.json's add_bos_token / add_eos_token do not change them in transformers 5 either)."""
+        plain = self.encode(_PROBE)
+        full = self.tokenizer.encode(_PROBE, add_special_tokens=True).ids
+        start = next(i for i in range(len(full)) if full[i:i + len(plain)] == plain)  # it only adds tokens
+        return full[:start], full[start + len(plain):]
+
+    def with_template(self, prefix: List[int], suffix: List[int]) -> str:
+        """This tokenizer.json, its post-processor replaced by one that puts prefix and suffix around a text."""
+        from tokenizers import processors
+
+        pieces = [self.tokenizer.id_to_token(i) for i in prefix], [self.tokenizer.id_to_token(i) for i in suffix]
+        single = " ".join([*pieces[0], "$A", *pieces[1]])
+        pair = " ".join([*pieces[0], "$A", *pieces[1], *pieces[0], "$B:1", *pieces[1]])
+        specials = sorted({(piece, i) for piece, i in zip(pieces[0] + pieces[1], prefix + suffix)})
+        copy = self.tokenizer.from_str(self.tokenizer.to_str())
+        copy.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+        return copy.to_str()
 
     def decode(self, ids: List[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)  # as sentencepiece drops <s> and </s>
@@ -89,6 +111,10 @@ class Tokenizer:
         # sentencepiece's own pad id is -1, which cannot index an embedding; the byte piece <0x00> never
         # occurs in text, and padded positions are masked out anyway.
         self.pad_id: int = max(self.model.piece_to_id("<0x00>"), 0)
+        # What goes around one text (a prompt, a document, a sentence), as transformers' tokenizer(text) puts it:
+        # <s> first with sentencepiece (llama2.c's and Llama 2's own), a tokenizer.json's post-processor's tokens.
+        self.prefix, self.suffix = (self.model.specials_around() if isinstance(self.model, _TokenizerJson)
+                                    else ([self.bos_id], []))
 
     @property
     def file_name(self) -> str:
@@ -99,8 +125,20 @@ class Tokenizer:
         tokens = self.model.encode(s)
         return [self.bos_id] * bos + tokens + [self.eos_id] * eos
 
+    def encode_text(self, s: str) -> List[int]:
+        """s as the model reads a whole text: between the special tokens that this tokenizer puts around one."""
+        return self.prefix + self.model.encode(s) + self.suffix
+
     def decode(self, tokens: List[int]) -> str:
         return self.model.decode(tokens)
+
+    def write_file(self, path: str, suffix: List[int]) -> None:
+        """This tokenizer's file at path, made to end a text with suffix (a classifier's </s>, which its head reads)."""
+        if isinstance(self.model, _TokenizerJson) and suffix != self.suffix:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(self.model.with_template(self.prefix, suffix))
+        else:
+            shutil.copyfile(self.model_path, path)
 
     def piece(self, token_id: int) -> str:
         return self.model.id_to_piece(token_id)

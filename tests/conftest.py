@@ -1,8 +1,11 @@
 """Shared fixtures: where setup.sh put the assets, tiny configs, and a script's one-line error."""
 import contextlib
+import json
 import os
 import resource
+import shutil
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -48,6 +51,30 @@ def file_size_limit(n_bytes: int):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def save_tokenizer_json(model: str, folder, single: Optional[str]) -> str:
+    """The tokenizer.json (and tokenizer_config.json) that transformers 5 saves of a sentencepiece model, its
+    post-processor's template put to `single` (Llama 2's is "<s> $A"; other models' add no <s>, or </s> too;
+    None: no post-processor). Returns the tokenizer.json's path."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import processors
+
+    source = os.path.join(folder, ".spm")
+    os.makedirs(source)
+    shutil.copyfile(model, os.path.join(source, "tokenizer.model"))
+    with open(os.path.join(source, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer"}, f)
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    shutil.rmtree(source)
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path) as f:
+        saved = json.load(f)
+    saved["post_processor"] = None if single is None else json.loads(processors.TemplateProcessing(
+        single=single, pair=f"{single} $B:1", special_tokens=[("<s>", 1), ("</s>", 2)]).__getstate__())
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    return path
 
 
 def one_line_error(main, argv: list[str], monkeypatch, capsys) -> str:

@@ -165,3 +165,10 @@ def test_every_output_that_cannot_be_written_is_one_line_and_leaves_no_file(tmp_
             line = fails([*args, *model_flags()], tmp_path, capsys)
         assert line.startswith(f"error: could not write {output}: File too large"), line
         assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_long_prompt_keeps_the_tokenizer_s_prefix_and_its_end():
+    from run_llama import keep_end
+    assert keep_end([1, 5, 6, 7, 8], 3, n_prefix=1) == [1, 7, 8]
+    assert keep_end([5, 6, 7, 8], 3, n_prefix=0) == [6, 7, 8]  # a tokenizer.json that adds no <s>
+    assert keep_end([5, 6], 3, n_prefix=0) == [5, 6]

@@ -10,10 +10,14 @@ import pytest
 import torch
 
 import flags
-from conftest import ROOT, TOK512, asset
+from conftest import ROOT, TOK512, asset, save_tokenizer_json
+from checkpoint import CHECKPOINT_FORMAT, load_trained, read_saved
+from data import load_split, pad_batch
+from evaluate import predict
 from hf import default_tokenizer, read_hf, stored_dtype
 from decoding import prepare_for_decoding
 from llama import load_pretrained
+from runtime import Runtime
 from tokenizer import Tokenizer
 from test_cli import read_lines, run, sst_subset  # noqa: F401 (a fixture)
 from utils import UsageError
@@ -206,6 +210,55 @@ def test_a_folder_with_only_tokenizer_json_runs_and_exports_it(hf_folders, tmp_p
     text = "Once upon a time, <s> was text."
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")(text)["input_ids"]
     assert theirs == Tokenizer(str(tmp_path / "out" / "tokenizer.json")).encode(text, bos=True, eos=False)
+
+
+def json_folder(root, folder, single: str):
+    """hf_folders' model with only the tokenizer.json that transformers 5 saves, its template put to `single`."""
+    shutil.copytree(root / "single", folder)
+    os.remove(folder / "tokenizer.model")
+    save_tokenizer_json(asset(TOK512), folder, single)
+    return folder
+
+
+@pytest.mark.parametrize("single", ["$A", "<s> $A </s>"])
+def test_the_special_tokens_around_a_text_follow_the_tokenizer_json_in_every_option(hf_folders, tmp_path, single,
+                                                                                   sst_subset):  # noqa: F811
+    """generate, perplexity, training and classify read a text as transformers' tokenizer(text) does, and an
+    exported classifier's tokenizer gives classify's ids (its </s> last) whatever the template."""
+    model, root = hf_folders
+    folder = json_folder(root, tmp_path / "json", single)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    prompt = "Once upon a time, there was a little girl"
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    (tmp_path / "story.txt").write_text(prompt + ". She liked to play.", encoding="utf-8")
+    common = ["--pretrained-model-path", str(folder)]
+    run(["--option", "generate", *common, "--input", "prompts.jsonl", "--output", "out.jsonl", "--max_new_tokens",
+         "8", "--ignore_eos"], tmp_path)
+    run(["--option", "perplexity", *common, "--input", "story.txt", "--output", "ppl.json"], tmp_path)
+    ids = hf_tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids[0, :1].tolist() != [1] if single == "$A" else ids[0, -1].item() == 2
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        story = hf_tokenizer((tmp_path / "story.txt").read_text(), return_tensors="pt").input_ids
+        loss = model(story, labels=story).loss.item()
+    ours = json.loads((tmp_path / "out.jsonl").read_text())["completion"]
+    assert ours == hf_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert json.loads((tmp_path / "ppl.json").read_text())["loss"] == pytest.approx(loss, rel=1e-5)
+
+    run(["--option", "finetune", *common, *sst_subset, "--epochs", "1", "--lr", "1e-3", "--filepath", "ft.pt"],
+        tmp_path)
+    run(["--option", "export", "--filepath", "ft.pt", "--output", "classifier"], tmp_path)
+    saved = read_saved(str(tmp_path / "ft.pt"), "--filepath", CHECKPOINT_FORMAT)
+    llama, tokenizer = load_trained(str(tmp_path / "ft.pt"), saved, None, None, torch.device("cpu"))
+    split = load_split("dev", sst_subset[3], saved["label_names"], tokenizer, llama.llama.config.max_seq_len)
+    ours = predict(llama, split, 8, tokenizer.pad_id, Runtime(torch.device("cpu"), None)).exp()
+    batch = transformers.AutoTokenizer.from_pretrained(tmp_path / "classifier")(
+        split.sentences, truncation=True, padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], pad_batch(split.token_ids, tokenizer.pad_id)[0])
+    assert (batch["input_ids"][:, 0] == 1).all() == single.startswith("<s>")
+    classifier = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "classifier").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(**batch).logits.softmax(-1), ours, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import TOK512, asset
+from conftest import TOK512, asset, save_tokenizer_json
 from lmdata import ALPACA_TEMPLATE, fit_pair, read_lm_rows, read_prompts, text_blocks, tokenize_lm
 from tokenizer import Tokenizer
 
@@ -37,11 +37,11 @@ def test_alpaca_rows_take_the_template_with_and_without_input(tmp_path):
 
 
 def test_a_long_pair_loses_its_prompt_from_the_left_then_its_completion_end():
-    ids, start, cut = fit_pair(list(range(10, 20)), [30, 31, 32], bos=1, eos=2, window=8, train_on_prompt=False)
+    ids, start, cut = fit_pair(list(range(10, 20)), [30, 31, 32], prefix=[1], eos=2, window=8, train_on_prompt=False)
     assert ids == [1, 17, 18, 19, 30, 31, 32, 2] and start == 4 and cut
-    ids, start, cut = fit_pair([10], list(range(30, 40)), bos=1, eos=2, window=6, train_on_prompt=False)
+    ids, start, cut = fit_pair([10], list(range(30, 40)), prefix=[1], eos=2, window=6, train_on_prompt=False)
     assert ids == [1, 30, 31, 32, 33, 34] and start == 1 and cut
-    assert fit_pair([10], [30], 1, 2, 8, False) == ([1, 10, 30, 2], 2, False)
+    assert fit_pair([10], [30], [1], 2, 8, False) == ([1, 10, 30, 2], 2, False)
 
 
 def test_raw_text_is_one_stream_in_blocks_that_overlap_by_one(tmp_path, tokenizer):
@@ -53,3 +53,19 @@ def test_raw_text_is_one_stream_in_blocks_that_overlap_by_one(tmp_path, tokenize
     assert kind == "text" and blocks[0] == stream[:4] and all(len(b) >= 2 for b in blocks)
     assert [t for b in blocks for t in b[1:]] == stream[1:]  # every token after the first is a target once
     assert tokenize_lm(kind, rows, tokenizer, 4, False).trained_from == [1] * len(blocks)
+
+
+def test_a_tokenizer_without_a_start_token_trains_from_the_second_token(tmp_path):
+    """A tokenizer.json whose template adds no <s>: pairs and raw text start with the text itself, as
+    transformers' tokenizer(text) does, and the first token (nothing before it) is never a target."""
+    from transformers import AutoTokenizer
+    tokenizer = Tokenizer(save_tokenizer_json(asset(TOK512), tmp_path, "$A"))
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "Q: sky?\nA:", "completion": " Blue."}) + "\n")
+    pair = tokenize_lm(*read_lm_rows(str(path), "--train"), tokenizer, 512, train_on_prompt=True)
+    assert pair.token_ids == [theirs("Q: sky?\nA:")["input_ids"] + theirs(" Blue.")["input_ids"] + [2]]
+    assert pair.trained_from == [1]
+    path.write_text(json.dumps({"text": "One day."}) + "\n")
+    text = tokenize_lm(*read_lm_rows(str(path), "--train"), tokenizer, 512, train_on_prompt=False)
+    assert text.token_ids == [theirs("One day.")["input_ids"]] and text.trained_from == [1]

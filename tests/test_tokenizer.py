@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import TOK512, asset
+from conftest import TOK512, asset, save_tokenizer_json
 from tokenizer import Tokenizer
 from utils import UsageError
 
@@ -68,6 +68,16 @@ def test_tokenizer_json_gives_transformers_ids_and_sentencepiece_s(saved_by_tran
     assert [ours.decode(ours.encode(t, True, True)) for t in texts[:50]] == [spm.decode(spm.encode(t, True, True))
                                                                              for t in texts[:50]]
     assert ours.piece(ours.pad_id) == spm.piece(spm.pad_id) == "<0x00>"
+
+
+@pytest.mark.parametrize("single", ["<s> $A", "$A", "<s> $A </s>", None])
+def test_a_text_is_read_between_the_post_processor_s_special_tokens_as_transformers_reads_it(tmp_path, single):
+    from transformers import AutoTokenizer
+    ours = Tokenizer(save_tokenizer_json(asset(TOK512), tmp_path, single))
+    texts = sentences("sst")[:20] + ["a <s> inside, </s> and <unk> too", ""]
+    theirs = AutoTokenizer.from_pretrained(tmp_path, split_special_tokens=True)  # text is text, as ours reads it
+    assert [ours.encode_text(t) for t in texts] == theirs(texts)["input_ids"]
+    assert (Tokenizer(asset(TOK512)).prefix, Tokenizer(asset(TOK512)).suffix) == ([1], [])  # llama2.c's: <s> first
 
 
 def test_a_tokenizer_json_without_llama_s_start_token_is_refused(tmp_path):
