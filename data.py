@@ -40,8 +40,8 @@ def tokenize(examples: list[Example], tokenizer: Tokenizer, max_seq_len: int,
              max_sentence_len: Optional[int] = None, prompt_suffix: Optional[list[int]] = None,
              label_room: int = 0) -> tuple[list[list[int]], int]:
     """Token ids of each sentence: the tokenizer's prefix (<s>) + sentence + suffix (zero-shot; the label is
-    appended later) or prefix + sentence + eos. Only the sentence is ever cut: to max_sentence_len, and to what the model's window
-    leaves beside the suffix and the label. Returns the ids and how many sentences the window cut."""
+    appended later) or prefix + sentence + eos. Only the sentence is ever cut: to max_sentence_len, and to what the
+    model's window leaves beside the suffix and the label. Returns the ids and how many sentences the window cut."""
     tail = prompt_suffix if prompt_suffix is not None else [tokenizer.eos_id]
     room = max_seq_len - len(tokenizer.prefix) - len(tail) - label_room
     if room <= 0:

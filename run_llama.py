@@ -137,8 +137,8 @@ def complete_file(llama: Any, tokenizer: Any, template: dict, generation: Any, s
 
 
 def perplexity(settings: Settings, runtime: Runtime) -> None:
-    """--input's text as one stream (between the tokenizer's special tokens: <s> first with Llama's), each token after the first scored once with the context of a
-    window of max_seq_len tokens that moves by --stride."""
+    """--input's text as one stream (between the tokenizer's special tokens: <s> first with Llama's), each token
+    after the first scored once with the context of a window of max_seq_len tokens that moves by --stride."""
     options = settings.perplexity
     llama, tokenizer, _ = language_model(settings, runtime, options.trained, runtime.weights_dtype)
     ids = tokenizer.encode_text(read_text(options.input, "--input"))
