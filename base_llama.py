@@ -4,6 +4,7 @@ import math
 from torch import nn
 
 from config import LlamaConfig
+from quantized import quantized_weights
 
 
 class LlamaPreTrainedModel(nn.Module):
@@ -23,5 +24,5 @@ class LlamaPreTrainedModel(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
 
     def num_parameters(self) -> int:
-        """Parameters counted once each (the tied embedding/output matrix is one)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters counted once each (the tied embedding/output matrix is one), quantized weights included."""
+        return sum(p.numel() for p in self.parameters()) + quantized_weights(self)

@@ -326,7 +326,9 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="only real model sizes: bench_big.py's rows (see there)")
     parser.add_argument("--fsdp", action="store_true",
                         help="only the memory of full fine-tuning by 2 processes, replicated and sharded (bench_big.py)")
-    parser.add_argument("--big-dir", default=None, help="--big: keep the 1.1B folder here, and reuse it next time")
+    parser.add_argument("--shape", choices=("1b", "7b"), default="1b",
+                        help="--big: the random model's shape, TinyLlama-1.1B's or Llama-2-7B's (13.5 GB in bf16)")
+    parser.add_argument("--big-dir", default=None, help="--big: keep the model folder here, and reuse it next time")
     parser.add_argument("--big-tokens", type=int, default=32, help="--big: new tokens a generate row decodes")
     parser.add_argument("--big-sentences", type=int, default=8,
                         help="--big: SST sentences of the LoRA epoch (0: no LoRA rows; without bf16 units PEFT's takes 6 "
@@ -341,7 +343,7 @@ def main() -> None:
         bench_fsdp(8)
         return
     if args.big:
-        bench_big(args.big_dir, args.big_tokens, args.big_sentences, args.threads)
+        bench_big(args.big_dir, args.big_tokens, args.big_sentences, args.threads, args.shape)
         return
     if args.child:
         spec = json.loads(args.child)

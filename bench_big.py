@@ -25,6 +25,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
              pad_token_id=0)
+SHAPES = {"1b": SHAPE,  # TinyLlama-1.1B
+          "7b": {**SHAPE, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,  # Llama-2-7B
+                 "num_key_value_heads": 32, "max_position_embeddings": 4096}}
 
 # transformers' side, run as a child process: generate, then print the decode line and the peak as ours do.
 TRANSFORMERS_GENERATE = r"""
@@ -150,14 +153,14 @@ def layer_weights(shape: dict) -> int:
     return shape["num_hidden_layers"] * (dim * (2 * dim + 2 * kv_dim) + 3 * dim * hidden)
 
 
-def matrix_weights() -> int:
+def matrix_weights(shape: dict) -> int:
     """The weights a decoding step reads: every layer's matrices and the output (of the embedding, one row)."""
-    return layer_weights(SHAPE) + SHAPE["vocab_size"] * SHAPE["hidden_size"]
+    return layer_weights(shape) + shape["vocab_size"] * shape["hidden_size"]
 
 
-def generate_rows(folder: str, new: int, threads: int) -> list[str]:
+def generate_rows(folder: str, new: int, threads: int, shape: dict) -> list[str]:
     """One row per way of generating: tok/s, peak memory, bytes read per token x tok/s."""
-    matrices = matrix_weights()
+    matrices = matrix_weights(shape)
     ours = [sys.executable, "run_llama.py", "--option", "generate", "--pretrained-model-path", folder, "--temperature",
             "0", "--prompt", "Once upon a time", "--max_new_tokens", str(new + 1), "--ignore_eos",
             "--generated_sentence_low_temp_out",
@@ -205,20 +208,25 @@ def sft_head(folder: str, sentences: int) -> dict[str, str]:
 
 
 def lora_rows(folder: str, sentences: int, threads: int) -> list[str]:
-    """One LoRA epoch on the first SST training sentences, batch 8, then as many dev sentences, ours and PEFT's: a
-    classifier, and the language model taught to answer a review with its rating (SFT)."""
+    """One LoRA epoch on the first SST training sentences, batch 8, then as many dev sentences, ours (on a bf16
+    base, and on an nf4 one: QLoRA) and PEFT's (bf16): a classifier, and the language model taught to answer a
+    review with its rating (SFT)."""
     common = ["--pretrained-model-path", folder, "--epochs", "1", "--batch_size", "8", "--lr", "1e-4", "--dtype",
               "bf16", "--filepath", os.path.join(folder, "lora.pt"), "--overwrite"]
     sst, sft = sst_head(folder, sentences), sft_head(folder, sentences)
+    classify = [sys.executable, "run_llama.py", "--option", "lora", *common, "--train", sst["train"], "--dev",
+                sst["dev"], "--test", sst["dev"], "--label-names", "data/sst-label-mapping.json",
+                "--hidden_dropout_prob", "0"]
+    lm = [sys.executable, "run_llama.py", "--option", "lora", "--task", "lm", *common, "--train", sft["train"],
+          "--dev", sft["dev"]]
     runs = [("LoRA", "PEFT, bf16 base", [sys.executable, "-c", PEFT_LORA, folder, "8", str(threads), sst["train"],
                                          sst["dev"]]),
-            ("LoRA", "ours, --dtype bf16", [sys.executable, "run_llama.py", "--option", "lora", *common, "--train",
-                                            sst["train"], "--dev", sst["dev"], "--test", sst["dev"], "--label-names",
-                                            "data/sst-label-mapping.json", "--hidden_dropout_prob", "0"]),
+            ("LoRA", "ours, --dtype bf16", classify),
+            ("LoRA", "ours, --dtype bf16 --quantize nf4", classify + ["--quantize", "nf4"]),
             ("SFT LoRA", "PEFT, bf16 base", [sys.executable, "-c", PEFT_SFT, folder, "8", str(threads), sft["train"],
                                              sft["dev"]]),
-            ("SFT LoRA", "ours, --dtype bf16", [sys.executable, "run_llama.py", "--option", "lora", "--task", "lm",
-                                                *common, "--train", sft["train"], "--dev", sft["dev"]])]
+            ("SFT LoRA", "ours, --dtype bf16", lm),
+            ("SFT LoRA", "ours, --dtype bf16 --quantize nf4", lm + ["--quantize", "nf4"])]
     rows = []
     for task, name, command in runs:
         out = run(command)
@@ -253,17 +261,18 @@ def bench_fsdp(sentences: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def bench_big(folder: str, new: int, sentences: int, threads: int) -> None:
+def bench_big(folder: str, new: int, sentences: int, threads: int, shape: str = "1b") -> None:
     made = folder is None
     folder = folder or tempfile.mkdtemp(prefix="minllama2-big-")
     try:
-        if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-            print(f"building the 1.1B random bf16 folder in {folder} ...", flush=True)
-            make_folder(folder)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            print(f"building the {shape} random bf16 folder in {folder} ...", flush=True)
+            make_folder(folder, SHAPES[shape])
         print(f"read bandwidth (one 1 GB sum): {read_bandwidth():.1f} GB/s; {threads} threads; "
               f"CPU bf16 products native: {torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()}")
         print("\n| run | speed | peak memory | weights read per second |\n| --- | ---: | ---: | ---: |", flush=True)
-        for row in generate_rows(folder, new, threads) + (lora_rows(folder, sentences, threads) if sentences else []):
+        for row in generate_rows(folder, new, threads, SHAPES[shape]) + (lora_rows(folder, sentences, threads)
+                                                                          if sentences else []):
             print(row, flush=True)
     finally:
         if made:

@@ -25,7 +25,7 @@ from causal_lm import build_language_model
 from classifier import build_classifier
 from llama import Llama, load_pretrained, stored_weights
 from lmdata import ALPACA_TEMPLATE
-from lora import ALL_TARGETS, merge_lora
+from lora import ALL_TARGETS, dequantize_base, merge_lora
 from runtime import DTYPES, Runtime
 from settings import CHECKPOINT_FORMAT, DEFAULT_MODEL, STATE_FORMAT, LoRASettings, Settings
 from tokenizer import Tokenizer
@@ -183,18 +183,19 @@ def base_fingerprint(model_path: str) -> str:
     return weights_fingerprint(stored_weights(model_path))
 
 
-def load_base_model(model_path: str, tokenizer_path: str, device: torch.device,
-                    dtype: torch.dtype = torch.float32) -> tuple[Llama, Tokenizer]:
-    """A llama2.c model or Hugging Face folder, its weights held in dtype, and its tokenizer, checked to share one
-    vocabulary."""
+def load_base_model(model_path: str, tokenizer_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                    quantize: Optional[str] = None) -> tuple[Llama, Tokenizer]:
+    """A llama2.c model or Hugging Face folder, its weights held in dtype (its layers' matrices in quantize, if
+    given), and its tokenizer, checked to share one vocabulary."""
     if model_path == DEFAULT_MODEL and not os.path.exists(model_path):
         raise UsageError(f"--pretrained-model-path {DEFAULT_MODEL}: no such file; run ./setup.sh to download it, or "
                          f"use the tiny model: --pretrained-model-path stories260K.pt --tokenizer tok512.model")
-    llama = load_pretrained(model_path, dtype)
+    llama = load_pretrained(model_path, dtype, quantize)
     tokenizer = Tokenizer(tokenizer_path)
     tokenizer.check_vocab(llama.config.vocab_size, model_path)
-    print(f"loaded {model_path} ({llama.num_parameters() / 1e6:.2f}M parameters, {str(dtype).removeprefix('torch.')}) "
-          f"on {device}")
+    held = str(dtype).removeprefix("torch.")
+    print(f"loaded {model_path} ({llama.num_parameters() / 1e6:.2f}M parameters, "
+          f"{f'layers in {quantize}, products and the rest in {held}' if quantize else held}) on {device}")
     return llama.to(device), tokenizer
 
 
@@ -213,12 +214,15 @@ def load_trained(path: str, saved: dict, model_path: Optional[str], tokenizer_pa
         raise UsageError(f"--pretrained-model-path {base}: its weights are not those of "
                          f"{saved['base_model']['path']}, the base model --filepath {path} was trained "
                          f"from; pass that model")
-    llama, tokenizer = load_base_model(base, tokenizer_path, device, dtype)
     lora = LoRASettings.from_record(saved["lora"]) if saved["lora"] else None
+    quantize = lora.quantize if lora else None
+    llama, tokenizer = load_base_model(base, tokenizer_path, device, dtype, quantize)
     model = build_model(llama, saved["task"], saved["label_names"], saved["hidden_dropout_prob"], lora,
                         head_bias="classifier_head.bias" in saved["trainable"])
     load_trainable(model, saved["trainable"], path)
     merge_lora(model)
+    if quantize:  # the weights it trained above, as plain ones: what decoding and an export read
+        dequantize_base(model, dtype)
     return model, tokenizer
 
 

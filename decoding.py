@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import LlamaConfig
-from kernels import BLOCK, row_blocks
+from kernels import row_blocks
 from llama import Generation, KVCache, Llama, LlamaLayer, attention_mask, sample_next_token
+from quantized import quantize_rows
 from utils import return_free_memory
 
 
@@ -100,28 +101,6 @@ class TransposedLinear(nn.Module):
 def fbgemm_fp16(device: torch.device) -> bool:
     """Whether fbgemm's fp16-weight product runs there: on the CPU, where PyTorch was built with it."""
     return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
-
-
-def quantize_rows(weight: Union[torch.Tensor, list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (out, in), or matrices stacked by rows -> int8 q (out, in) and scale (out,) in bf16 with
-    weight ~ scale[:, None] * q.
-
-    The scale is rounded to bf16 first, since that is how the CPU kernel reads it, and q is computed against
-    the rounded scale: the rounding then costs nothing beyond the half step. A block of rows at a time, and stacked
-    matrices one by one: the few float temporaries of a block are all that converting adds to the weights."""
-    parts = weight if isinstance(weight, list) else [weight]
-    out_features, device = sum(part.shape[0] for part in parts), parts[0].device
-    q = torch.empty(out_features, parts[0].shape[1], dtype=torch.int8, device=device)
-    scale = torch.empty(out_features, dtype=torch.bfloat16, device=device)
-    start = 0
-    for part in parts:
-        for rows in row_blocks(part, BLOCK // 4):
-            block = part[rows].detach().float()
-            out = slice(start + rows.start, start + min(rows.stop, part.shape[0]))
-            scale[out] = (block.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
-            q[out] = torch.round(block / scale[out].float()[:, None]).clamp(-127, 127).to(torch.int8)
-        start += part.shape[0]
-    return q, scale
 
 
 class Int8Linear(nn.Module):

@@ -51,8 +51,8 @@ def write_folder(out_dir: str, llama: Llama, tokenizer: Tokenizer, source: dict[
     check_export_folder(out_dir, overwrite)
     base = {name: t for name, t in llama.state_dict().items() if not is_adapter(name)}  # adapters come merged
     weights = hf_weights(base, llama.config, llama.tied_embeddings)
-    config = {**hf_config(llama.config, llama.tied_embeddings), "pad_token_id": tokenizer.pad_id,
-              "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    config = {**hf_config(llama.config, llama.tied_embeddings, llama.output.weight.dtype),
+              "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     tokenizer_config, text_suffix = tokenizer_setup(tokenizer, llama.config.max_seq_len, head is not None,
                                                     max_sentence_len)
     if head is not None:
@@ -140,7 +140,12 @@ def run_export(settings: Settings) -> None:
     export, cpu = settings.export, torch.device("cpu")
     if export.saved:
         base = locate(export.saved["base_model"], export.checkpoint, "--pretrained-model-path", export.model)
-        trained, tokenizer = load_trained(export.checkpoint, export.saved, base, export.tokenizer, cpu)
+        quantized = (export.saved["lora"] or {}).get("quantize")
+        if quantized and not export.adapter:
+            print(f"note: --filepath {export.checkpoint} trained above a {quantized} base: the export holds that base "
+                  f"dequantized, in bf16, with the adapters merged")
+        dtype = torch.bfloat16 if quantized else torch.float32  # a QLoRA base is big: fp32 would hold it twice over
+        trained, tokenizer = load_trained(export.checkpoint, export.saved, base, export.tokenizer, cpu, dtype)
         llama, source = trained.llama, {"--filepath": os.path.abspath(export.checkpoint)}
     else:
         llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, cpu)

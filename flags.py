@@ -161,11 +161,12 @@ def add_generation_flags(gen: argparse._ArgumentGroup) -> None:
                      help="greedy output (default: generated-sentence-temp-0.txt)")
     gen.add_argument("--generated_sentence_high_temp_out",
                      help="sampled output (default: generated-sentence-temp-1.txt, or -<T>.txt for --temperature T)")
-    gen.add_argument("--quantize", choices=("int8", "fp16"), default=None,
-                     help="decode with int8 weights (one scale per row: a quarter of the bytes to read per token) "
-                          "or fp16 weights (half the bytes, nearly lossless), converted when loading. After each "
-                          "generation a line gives the decoding speed: the first new token comes from the prompt's "
-                          "forward pass, and the speed counts the tokens after it (default: the weights' own precision)")
+    gen.add_argument("--quantize", choices=("int8", "fp16", "nf4"), default=None,
+                     help="generate: decode with int8 weights (one scale per row: a quarter of the bytes to read per "
+                          "token) or fp16 weights (half the bytes, nearly lossless), converted when loading; a line "
+                          "gives the speed of the tokens after the first. lora: hold the frozen base's layers in nf4 "
+                          "(QLoRA's 4-bit NormalFloat, 4.13 bits a weight) or int8, quantized as read, adapters "
+                          "trained above them (default: the weights' own precision)")
 
 
 def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
@@ -260,7 +261,7 @@ def get_args(argv: Optional[list[str]] = None) -> Settings:
     if args.option in TRAINING:
         name = dataset_name(data.dev) if args.task == "classify" else os.path.splitext(os.path.basename(data.train))[0]
         files = RunFiles.beside(in_run_dir(args.filepath or f"{name}-{args.option}-{args.lr}.pt"))
-        lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets) \
+        lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets, args.quantize) \
             if args.option == "lora" else None
         training = TrainingSettings(args.option, args.epochs, args.lr, args.hidden_dropout_prob, lora, files,
                                     args.resume, args.overwrite, args.micro_batch_size, args.gradient_checkpointing,
@@ -348,9 +349,13 @@ def check_values(args: argparse.Namespace) -> None:
          "--fsdp goes with --option finetune (LoRA trains a few MB, which every process holds whole at no cost)"),
         (not args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1,
          "--fsdp shards the model across processes: start the run with torchrun --nproc_per_node N (N >= 2)"),
-        (args.option == "generate" and not args.input or not args.quantize,
-         "--quantize goes with --option generate of one --prompt (training, scoring and batches of prompts use the "
-         "float weights)"),
+        (args.option in ("generate", "lora") or not args.quantize,
+         "--quantize goes with --option generate (int8, fp16) or lora (nf4, int8: QLoRA); full fine-tuning trains "
+         "every weight, scoring uses the float weights"),
+        (args.option != "generate" or not args.quantize or not args.input and args.quantize != "nf4",
+         "--option generate --quantize decodes one --prompt with int8 or fp16 weights (nf4 is for --option lora)"),
+        (args.option != "lora" or args.quantize != "fp16",
+         "--option lora --quantize holds the frozen base in nf4 or int8 (fp16 is for --option generate)"),
     ]
     for ok, message in checks:
         if not ok:

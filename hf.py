@@ -284,8 +284,8 @@ def stored_dtype(folder: str) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------------------
 # Out
 
-def hf_config(config: LlamaConfig, tied: bool) -> dict[str, Any]:
-    """config.json's fields for a LlamaForCausalLM of this config."""
+def hf_config(config: LlamaConfig, tied: bool, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """config.json's fields for a LlamaForCausalLM of this config, its weights stored in dtype."""
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": config.dim,
             "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
             "num_key_value_heads": config.n_kv_heads, "intermediate_size": config.hidden_dim,
@@ -293,17 +293,19 @@ def hf_config(config: LlamaConfig, tied: bool) -> dict[str, Any]:
             "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
             "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-            "head_dim": config.head_dim, "torch_dtype": "float32"}
+            "head_dim": config.head_dim, "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 def hf_weights(state_dict: dict[str, torch.Tensor], config: LlamaConfig, tied: bool) -> dict[str, torch.Tensor]:
-    """A Llama's state dict under transformers' names and rotary layout (contiguous, one copy per tensor)."""
+    """A Llama's state dict under transformers' names and rotary layout (contiguous, one copy per tensor), fp32 but
+    for bf16 weights (an export of a QLoRA run), which stay bf16."""
     out = {}
     for name, tensor in state_dict.items():
         if tied and name == "output.weight":
             continue  # transformers ties lm_head to embed_tokens itself
         heads = _heads(name, tensor, config)
-        out[hf_name(name)] = (to_rotate_half(tensor, heads) if heads else tensor).detach().float().contiguous()
+        tensor = tensor.detach() if tensor.dtype == torch.bfloat16 else tensor.detach().float()
+        out[hf_name(name)] = (to_rotate_half(tensor, heads) if heads else tensor).contiguous()
     return out
 
 

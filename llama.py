@@ -17,6 +17,7 @@ from base_llama import LlamaPreTrainedModel
 from config import LlamaConfig
 from hf import SafetensorsWeights, is_hf_folder, read_config, read_hf
 from llama2c import read_llama2c
+from quantized import QUANTIZED_LAYERS
 from rope import precompute_freqs_cis, rotate
 from utils import UsageError
 
@@ -345,10 +346,11 @@ def stored_weights(checkpoint: str) -> Mapping[str, torch.Tensor]:
     return read_llama2c(checkpoint)[1]
 
 
-def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32) -> Llama:
+def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32, quantize: Optional[str] = None) -> Llama:
     """A Llama with the weights of a llama2.c checkpoint (train.py's .pt or the legacy .bin export, read and
-    checked by llama2c.py) or of a Hugging Face folder (hf.py), held in dtype. A checkpoint that does not match its
-    own config is a UsageError."""
+    checked by llama2c.py) or of a Hugging Face folder (hf.py), held in dtype. quantize ("nf4" or "int8"): the
+    layers' matrices are held quantized and frozen instead, their products in dtype (quantized.py, for QLoRA). A
+    checkpoint that does not match its own config is a UsageError."""
     config, weights, tied = read_checkpoint(checkpoint)
     # Built on the meta device: its names are checked against the file before any memory is taken, and the
     # tensors read become the parameters (assign), each converted on its own, so the weights are never held twice.
@@ -369,11 +371,21 @@ def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32) -> Llam
         if tensor.shape != parameter.shape:
             raise UsageError(f"checkpoint {checkpoint}: tensor {name} has shape {tuple(tensor.shape)} but its config "
                              f"give {tuple(parameter.shape)}; the file is inconsistent")
+        layer = name.removesuffix(".weight")
+        if quantize and name.startswith("layers.") and isinstance(model.get_submodule(layer), nn.Linear):
+            check_finite(checkpoint, name, tensor)
+            model.set_submodule(layer, QUANTIZED_LAYERS[quantize](tensor, dtype))  # as read: one matrix at a time
+            continue
         held[name] = tensor.to(dtype)
-        if not all(bound.isfinite() for bound in torch.aminmax(held[name])):  # damaged, or diverged; no copy made
-            raise UsageError(f"checkpoint {checkpoint}: tensor {name} holds NaN or infinite values; the file is "
-                             f"damaged or its training diverged: use another checkpoint")
+        check_finite(checkpoint, name, held[name])
     model.load_state_dict(held, strict=False, assign=True)  # every name was checked above
     if tied:
         model.tok_embeddings.weight = model.output.weight
     return model.to("cpu")  # rebuilds the rotary table, made on the meta device
+
+
+def check_finite(checkpoint: str, name: str, tensor: torch.Tensor) -> None:
+    """A weight with NaN or inf is a damaged file or a diverged run: a reduction finds it, and makes no copy."""
+    if not all(bound.isfinite() for bound in torch.aminmax(tensor)):
+        raise UsageError(f"checkpoint {checkpoint}: tensor {name} holds NaN or infinite values; the file is "
+                         f"damaged or its training diverged: use another checkpoint")

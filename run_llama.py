@@ -40,6 +40,7 @@ from lmdata import ALPACA_TEMPLATE, read_prompts, read_text
 from export import run_export
 from flags import get_args
 from lora import merge_lora
+from quantized import quantized_weights
 from runtime import DTYPES, Interrupted, Runtime, seed_everything, signals_interrupt, start_runtime
 from settings import Settings, TrainedModel
 from train import fit
@@ -200,13 +201,14 @@ def train(settings: Settings, runtime: Runtime) -> None:
     lm = training.task == "lm"
     label_names = None if lm else read_label_names(settings.data.label_names)
     held = runtime.weights_dtype if training.lora else torch.float32  # full fine-tuning trains fp32 masters
-    llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device, held)
+    llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device, held,
+                                       training.lora and training.lora.quantize)
     llama.gradient_checkpointing = training.gradient_checkpointing
     model = build_model(llama, training.task, label_names, training.hidden_dropout_prob, training.lora)
     splits = load_lm_splits(settings, tokenizer, llama.config.max_seq_len) if lm else \
         load_splits(settings, label_names, tokenizer, llama.config.max_seq_len)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters()) + quantized_weights(model)
     print(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     described = describe_run(settings, llama, base_fingerprint(settings.model.model), label_names, runtime)
     state = check_run_files(settings, described["training"])

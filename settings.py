@@ -83,14 +83,17 @@ class LoRASettings:
     alpha: float
     dropout: float
     targets: tuple[str, ...]
+    quantize: Optional[str] = None  # the frozen base held in "nf4" or "int8" (QLoRA), or as loaded
 
     def as_record(self) -> dict[str, Any]:
-        """As a checkpoint stores it (plain values: a list, not a tuple)."""
-        return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=list(self.targets))
+        """As a checkpoint stores it (plain values: a list, not a tuple; no quantize key unless quantized, as before
+        QLoRA, so that earlier runs still resume)."""
+        record = dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=list(self.targets))
+        return {**record, "quantize": self.quantize} if self.quantize else record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "LoRASettings":
-        return cls(record["rank"], record["alpha"], record["dropout"], tuple(record["targets"]))
+        return cls(record["rank"], record["alpha"], record["dropout"], tuple(record["targets"]), record.get("quantize"))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
 #   ./setup.sh [--mirror DIR] [--test] [--no-stories42M]
 #
 #   --mirror DIR      a folder laid out like ../shared/assets (also: MINLLAMA_ASSETS=DIR)
-#   --test            also install the test and benchmark extras (pytest, transformers, peft, matplotlib)
+#   --test            also install the test and benchmark extras (pytest, transformers, peft, matplotlib, torchao)
 #   --no-stories42M   skip the 167 MB default model (offline machines, CI)
 #
 # Idempotent: files already in place and valid are kept. Any failed step stops with the file and the reason.

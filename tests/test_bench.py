@@ -73,18 +73,20 @@ def test_bad_flags_end_in_one_line_before_any_measuring(tmp_path, monkeypatch, c
         assert word in line, line
 
 
-def test_the_big_rows_count_the_weights_a_decoding_step_reads():
-    """bench_big's bytes per token: every matrix of the 1.1B model but the embedding, as our model has them."""
+@pytest.mark.parametrize("shape, parameters", [("1b", 1.1e9), ("7b", 6.74e9)])
+def test_the_big_rows_count_the_weights_a_decoding_step_reads(shape, parameters):
+    """bench_big's bytes per token: every matrix of the model but the embedding, as our model has them; and the
+    shapes are TinyLlama-1.1B's and Llama-2-7B's."""
     import bench_big
     from config import LlamaConfig
     from llama import Llama
 
-    shape = bench_big.SHAPE
+    shape = bench_big.SHAPES[shape]
     config = LlamaConfig(dim=shape["hidden_size"], n_layers=shape["num_hidden_layers"],
                          n_heads=shape["num_attention_heads"], n_kv_heads=shape["num_key_value_heads"],
                          vocab_size=shape["vocab_size"], hidden_dim=shape["intermediate_size"])
     with torch.device("meta"):
         model = Llama(config, tied_embeddings=False)
     matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name)
-    assert bench_big.matrix_weights() == matrices
-    assert 1.09e9 < model.num_parameters() < 1.11e9
+    assert bench_big.matrix_weights(shape) == matrices
+    assert model.num_parameters() == pytest.approx(parameters, rel=0.01)

@@ -143,10 +143,11 @@ DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(no
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("option", ["finetune", "lora"])
+@pytest.mark.parametrize("option", [["finetune"], ["lora"], ["lora", "--quantize", "nf4"]])
 def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(tmp_path, sst_subset, option, device):
-    common = ["--option", option, *model_flags(), *sst_subset, "--batch_size", "16", "--lr", "2e-3",
+    common = ["--option", *option, *model_flags(), *sst_subset, "--batch_size", "16", "--lr", "2e-3",
               "--hidden_dropout_prob", "0.3", "--filepath", "model.pt"] + (["--use_gpu"] if device == "cuda" else [])
+    option = option[0]
     (tmp_path / "whole").mkdir()
     (tmp_path / "resumed").mkdir()
     run(common + ["--epochs", "3"], tmp_path / "whole")
@@ -210,32 +211,32 @@ def test_a_checkpoint_of_another_run_is_replaced_only_with_overwrite(tmp_path, s
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A LoRA and a full fine-tuning run of 2 epochs on SST slices, each in its own folder, with a copy of the
-    base model and tokenizer beside the checkpoint (so a test can take them away)."""
+    """A LoRA, a QLoRA (nf4 base) and a full fine-tuning run of 2 epochs on SST slices, each in its own folder, with
+    a copy of the base model and tokenizer beside the checkpoint (so a test can take them away)."""
     folder = tmp_path_factory.mktemp("trained")
     data = {}
     for name, n in (("train", 120), ("dev", 40)):
         with open(asset(f"data/sst-{name}.txt"), encoding="utf-8") as f:
             (folder / f"sst-{name}.txt").write_text("".join(f.readlines()[:n]), encoding="utf-8")
     runs = {}
-    for option in ("finetune", "lora"):
-        run_dir = folder / option
+    for name, option in (("finetune", ["finetune"]), ("lora", ["lora"]), ("qlora", ["lora", "--quantize", "nf4"])):
+        run_dir = folder / name
         run_dir.mkdir()
-        for name in (STORIES260K, TOK512):
-            (run_dir / name).write_bytes(open(asset(name), "rb").read())
-        run(["--option", option, "--pretrained-model-path", STORIES260K, "--tokenizer", TOK512,
+        for file in (STORIES260K, TOK512):
+            (run_dir / file).write_bytes(open(asset(file), "rb").read())
+        run(["--option", *option, "--pretrained-model-path", STORIES260K, "--tokenizer", TOK512,
              "--train", str(folder / "sst-train.txt"), "--dev", str(folder / "sst-dev.txt"),
              "--test", str(folder / "sst-dev.txt"), "--label-names", asset("data/sst-label-mapping.json"),
              "--epochs", "2", "--batch_size", "16", "--lr", "2e-3", "--filepath", "model.pt"], run_dir)
-        runs[option] = run_dir
+        runs[name] = run_dir
     data["runs"], data["dev"] = runs, folder / "sst-dev.txt"
     return data
 
 
-@pytest.mark.parametrize("option", ["finetune", "lora"])
-def test_classify_reproduces_the_training_runs_dev_predictions_from_anywhere(trained, tmp_path, option, capsys):
-    run_dir = trained["runs"][option]
-    expected = (run_dir / f"sst-dev-{flags.MODE_NAMES[option]}-output.txt").read_bytes()
+@pytest.mark.parametrize("name", ["finetune", "lora", "qlora"])
+def test_classify_reproduces_the_training_runs_dev_predictions_from_anywhere(trained, tmp_path, name, capsys):
+    run_dir = trained["runs"][name]
+    expected = (run_dir / f"sst-dev-{flags.MODE_NAMES[name.removeprefix('q')]}-output.txt").read_bytes()
     run(["--option", "classify", "--filepath", str(run_dir / "model.pt"), "--input", str(trained["dev"]),
          "--output", "predicted.txt"], tmp_path)
     assert (tmp_path / "predicted.txt").read_bytes() == expected

@@ -8,8 +8,9 @@ import torch
 
 from conftest import STORIES260K, TOK512, asset, tiny_config
 from llama import Llama, load_pretrained
-from decoding import (Fp16Linear, Int8Linear, TransposedLinear, prepare_for_decoding, quantize_rows, timed_generation,
+from decoding import (Fp16Linear, Int8Linear, TransposedLinear, prepare_for_decoding, timed_generation,
                       weight_megabytes)
+from quantized import quantize_rows
 from tokenizer import Tokenizer
 
 

@@ -221,8 +221,11 @@ CASES = [
     ("quantize int4", lambda d, a: (a.set("--option", "generate"), a.set("--quantize", "int4")), ["--quantize", "'int4'", "int8"]),
     ("fsdp with lora", lambda d, a: a.add("--fsdp"), ["--fsdp", "--option finetune", "LoRA"]),
     ("fsdp without torchrun", lambda d, a: (a.set("--option", "finetune"), a.add("--fsdp")), ["--fsdp", "torchrun --nproc_per_node"]),
-    ("quantize with lora", lambda d, a: a.set("--quantize", "int8"), ["--quantize", "--option generate"]),
-    ("quantize with finetune", lambda d, a: (a.set("--option", "finetune"), a.set("--quantize", "int8")), ["--quantize", "--option generate"]),
+    ("quantize fp16 with lora", lambda d, a: a.set("--quantize", "fp16"), ["--quantize", "nf4 or int8", "--option generate"]),
+    ("quantize with finetune", lambda d, a: (a.set("--option", "finetune"), a.set("--quantize", "int8")), ["--quantize", "--option generate", "lora"]),
+    ("quantize nf4 with generate", lambda d, a: (a.set("--option", "generate"), a.unset("--filepath"), a.set("--quantize", "nf4")), ["--quantize", "nf4", "--option lora"]),
+    ("quantize a prompts file", lambda d, a: (a.set("--option", "generate"), a.unset("--filepath"), a.set("--quantize", "int8"),
+                                             a.set("--input", write(d, "p.jsonl", b'{"prompt": "a"}\n')), a.set("--output", "o.jsonl")), ["--quantize", "one --prompt"]),
     # the language model's data and flags
     ("lm row without its fields", lambda d, a: lm_task(d, a, "x.jsonl", b'{"prompt": "a", "answer": "b"}\n'), ["x.jsonl:1", '"prompt"']),
     ("lm prompt not a string", lambda d, a: lm_task(d, a, "x.jsonl", b'{"prompt": 3, "completion": "b"}\n'), ["x.jsonl:1", "'prompt'", "string"]),

@@ -185,3 +185,34 @@ def test_a_full_disk_during_an_export_is_one_line_and_leaves_the_folder_as_it_wa
         export.write_folder(str(out), llama, Tokenizer(asset(TOK512)), {"test": 2}, overwrite=False)
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     assert os.listdir(tmp_path) == ["out"]  # no temporary folder
+
+
+def test_a_qlora_export_holds_its_dequantized_base_in_bf16_with_the_adapters_merged(exported, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from hf import hf_weights
+    from lora import is_adapter
+
+    run(["--option", "lora", "--quantize", "nf4", "--pretrained-model-path", asset(STORIES260K), "--tokenizer",
+         asset(TOK512), "--train", str(exported / "sst-train.txt"), "--dev", str(exported / "sst-dev.txt"),
+         "--test", str(exported / "sst-dev.txt"), "--label-names", asset("data/sst-label-mapping.json"),
+         "--epochs", "1", "--lr", "1e-2", "--filepath", "qlora.pt"], tmp_path)
+    capsys.readouterr()
+    run(["--option", "export", "--filepath", "qlora.pt", "--output", "classifier"], tmp_path)
+    assert "the export holds that base dequantized, in bf16, with the adapters merged" in capsys.readouterr().out
+    saved = read_saved(str(tmp_path / "qlora.pt"), "--filepath", CHECKPOINT_FORMAT)
+    model, tokenizer = load_trained(str(tmp_path / "qlora.pt"), saved, None, None, torch.device("cpu"))
+    llama = model.llama  # dequantized and merged in fp32
+    merged = hf_weights({k: t for k, t in llama.state_dict().items() if not is_adapter(k)}, llama.config,
+                        llama.tied_embeddings)
+    written = load_file(tmp_path / "classifier" / "model.safetensors")
+    assert merged.keys() - {"lm_head.weight"} == written.keys() - {"score.weight"}
+    assert all(torch.equal(written[name], merged[name].to(torch.bfloat16)) for name in written if name != "score.weight")
+    # transformers reads it as classify reads the checkpoint, up to the base's rounding to bf16
+    split = load_split("input", str(exported / "sst-dev.txt"), SST_NAMES, tokenizer, 512, labels_optional=True)
+    ours = predict(model, split, 8, tokenizer.pad_id, Runtime(torch.device("cpu"), None)).exp()
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "classifier", dtype=torch.float32)
+    batch = transformers.AutoTokenizer.from_pretrained(tmp_path / "classifier")(split.sentences, padding=True,
+                                                                               return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(**batch).logits.softmax(-1), ours, atol=0.02, rtol=0)

@@ -1,0 +1,171 @@
+"""Frozen linear layers held quantized, so that adapters can train above a base model too large to hold in bf16
+(QLoRA, Dettmers et al., 2023): `--option lora --quantize nf4|int8`.
+
+- NF4, 4-bit NormalFloat. Each block of 64 consecutive weights is divided by its largest magnitude, which brings it
+  into [-1, 1], and each weight is kept as the nearest of 16 levels. The levels are quantiles of the standard normal
+  distribution, so normally distributed weights use each level about equally often. Two levels fit in one byte.
+- Double quantization. One fp32 scale per block would cost 0.5 bit a weight. The scales are quantized again: their
+  mean is subtracted, and each group of 256 is kept as int8 with one fp32 factor. That costs 0.127 bit a weight, so
+  NF4 holds 4.13 bits a weight. This is the layout of torchao's NF4Tensor, which the tests compare against.
+- Int8: one bf16 scale per output row, as decoding.py's Int8Linear (8.0 bits a weight).
+
+llama.load_pretrained quantizes each matrix as it is read, so the base is never held in full precision. The
+forward pass dequantizes a layer's weight for its one product and drops it. The backward pass dequantizes it
+again: keeping each layer's dequantized weight until the backward pass would hold the bf16 model again.
+"""
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import BLOCK, row_blocks
+
+NF4_BLOCK = 64  # weights per absmax scale
+SCALE_GROUP = 256  # scales per int8 factor of the double quantization
+
+
+def nf4_levels() -> torch.Tensor:
+    """The 16 NF4 levels in [-1, 1]: 8 quantiles of the standard normal distribution above zero, 7 below, and an
+    exact zero. Both sides reach 1, so the outermost quantile probability is the mean of 1 - 1/(2 * 16) and
+    1 - 1/(2 * 15): 0.9677."""
+    outermost = (1 - 1 / 32 + 1 - 1 / 30) / 2
+    positive = torch.special.ndtri(torch.linspace(outermost, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(outermost, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    return (levels / levels.max()).float()
+
+
+NF4_LEVELS = nf4_levels()
+
+
+def quantize_rows(weight: Union[torch.Tensor, list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (out, in), or matrices stacked by rows -> int8 q (out, in) and scale (out,) in bf16 with
+    weight ~ scale[:, None] * q.
+
+    The scale is rounded to bf16 first, since that is how the CPU kernel reads it, and q is computed against
+    the rounded scale: the rounding then costs nothing beyond the half step. A block of rows at a time, and stacked
+    matrices one by one: the few float temporaries of a block are all that converting adds to the weights."""
+    parts = weight if isinstance(weight, list) else [weight]
+    out_features, device = sum(part.shape[0] for part in parts), parts[0].device
+    q = torch.empty(out_features, parts[0].shape[1], dtype=torch.int8, device=device)
+    scale = torch.empty(out_features, dtype=torch.bfloat16, device=device)
+    start = 0
+    for part in parts:
+        for rows in row_blocks(part, BLOCK // 4):
+            block = part[rows].detach().float()
+            out = slice(start + rows.start, start + min(rows.stop, part.shape[0]))
+            scale[out] = (block.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+            q[out] = torch.round(block / scale[out].float()[:, None]).clamp(-127, 127).to(torch.int8)
+        start += part.shape[0]
+    return q, scale
+
+
+def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A weight's NF4 form: codes (two 4-bit level indices a byte, the first in the high half), and the double-
+    quantized block scales (scale_codes int8, scale_factors fp32 per group of 256, scale_mean). The weight is
+    flattened and padded with zeros to whole blocks and groups; a row of blocks at a time bounds the temporaries."""
+    flat = weight.detach().reshape(-1)
+    n_blocks = -(-flat.numel() // NF4_BLOCK)
+    n_groups = -(-n_blocks // SCALE_GROUP)
+    absmax = torch.zeros(n_groups * SCALE_GROUP, device=weight.device)
+    codes = torch.empty(n_groups * SCALE_GROUP * NF4_BLOCK // 2, dtype=torch.uint8, device=weight.device)
+    boundaries = ((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2).to(weight.device)  # nearest level: below the midpoint
+    step = BLOCK // 4 // NF4_BLOCK * NF4_BLOCK
+    for start in range(0, n_groups * SCALE_GROUP * NF4_BLOCK, step):
+        chunk = flat[start:start + step].float()
+        chunk = F.pad(chunk, (0, min(step, n_groups * SCALE_GROUP * NF4_BLOCK - start) - chunk.numel()))
+        blocks = chunk.view(-1, NF4_BLOCK)  # (blocks, 64)
+        first = start // NF4_BLOCK
+        absmax[first:first + blocks.shape[0]] = block_absmax = blocks.abs().amax(dim=1)
+        level = torch.bucketize(blocks / block_absmax.clamp(min=1e-30)[:, None], boundaries, out_int32=True)
+        codes[start // 2:(start + chunk.numel()) // 2] = (level[:, 0::2] << 4 | level[:, 1::2]).flatten().to(torch.uint8)
+    # the padding's scales are left out of the mean, then set to it: they quantize to 0 and change no factor
+    scale_mean = absmax[:n_blocks].mean()
+    centered = (absmax - scale_mean).index_fill_(0, torch.arange(n_blocks, absmax.numel(), device=weight.device), 0)
+    groups = centered.view(n_groups, SCALE_GROUP)
+    scale_factors = SCALE_GROUP / 2 / groups.abs().amax(dim=1).clamp(min=1e-30)  # int8 steps per unit of scale
+    scale_codes = (groups * scale_factors[:, None]).round().clamp(-128, 127).to(torch.int8).flatten()
+    return dict(codes=codes, scale_codes=scale_codes, scale_factors=scale_factors, scale_mean=scale_mean)
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen bias-free linear layer (out, in) whose weight is stored quantized; its products take the weight
+    dequantized to `dtype`. Subclasses store the weight and say how to dequantize it."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantizedProduct.apply(x, self)
+
+    def as_linear(self, dtype: torch.dtype) -> nn.Linear:
+        """A plain frozen nn.Linear of the dequantized weight, held in dtype: for an export or for decoding."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(self.dequantize(torch.float32).to(dtype), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, products in {self.dtype}"
+
+
+class _DequantizedProduct(torch.autograd.Function):
+    """x @ W^T with W dequantized in the forward pass and again in the backward pass, never kept in between. W is
+    frozen: only x gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return F.linear(x.to(layer.dtype), layer.dequantize(layer.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        layer = ctx.layer
+        return F.linear(grad.to(layer.dtype), layer.dequantize(layer.dtype).t()).to(ctx.x_dtype), None
+
+
+class NF4Linear(QuantizedLinear):
+    """NF4 with double-quantized scales (see the top): 4.13 bits a weight."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__(weight, dtype)
+        for name, tensor in quantize_nf4(weight).items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def level_pairs(self, dtype: torch.dtype) -> torch.Tensor:
+        """(256, 2): the two levels that each byte of codes holds, high half first."""
+        levels = NF4_LEVELS.to(self.codes.device, dtype)
+        return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        scales = (self.scale_codes.view(-1, SCALE_GROUP) / self.scale_factors[:, None]).flatten() + self.scale_mean
+        # one lookup gives both levels of a byte, then one pass scales them: the fewest passes over the weight
+        weight = F.embedding(self.codes.int(), self.level_pairs(dtype)).view(-1, NF4_BLOCK)
+        weight.mul_(scales.to(dtype)[:, None])
+        return weight.view(-1)[:self.out_features * self.in_features].view(self.out_features, self.in_features)
+
+
+class Int8RowsLinear(QuantizedLinear):
+    """int8 with one bf16 scale per output row (quantize_rows): 8 bits a weight."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__(weight, dtype)
+        q, scale = quantize_rows(weight)
+        self.register_buffer("q", q, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.q.to(dtype).mul_(self.scale.to(dtype)[:, None])
+
+
+QUANTIZED_LAYERS = {"nf4": NF4Linear, "int8": Int8RowsLinear}
+
+
+def quantized_weights(model: nn.Module) -> int:
+    """How many weights the model's quantized layers hold (they are buffers, not parameters)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
