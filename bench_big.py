@@ -10,6 +10,7 @@ bench.py --fsdp: full fine-tuning of a random 348M-parameter model (hidden 1024,
 under torchrun, replicated (DistributedDataParallel) and sharded (--fsdp): what each process keeps for weights,
 gradients and AdamW moments, and each process's peak resident memory.
 """
+import itertools
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 import torch
 
@@ -207,7 +209,7 @@ def sft_head(folder: str, sentences: int) -> dict[str, str]:
     return data
 
 
-def lora_rows(folder: str, sentences: int, threads: int) -> list[str]:
+def lora_rows(folder: str, sentences: int, threads: int) -> Iterator[str]:
     """One LoRA epoch on the first SST training sentences, batch 8, then as many dev sentences, ours (on a bf16
     base, and on an nf4 one: QLoRA) and PEFT's (bf16): a classifier, and the language model taught to answer a
     review with its rating (SFT)."""
@@ -227,13 +229,11 @@ def lora_rows(folder: str, sentences: int, threads: int) -> list[str]:
                                              sft["dev"]]),
             ("SFT LoRA", "ours, --dtype bf16", lm),
             ("SFT LoRA", "ours, --dtype bf16 --quantize nf4", lm + ["--quantize", "nf4"])]
-    rows = []
-    for task, name, command in runs:
+    for task, name, command in runs:  # each row as soon as it is measured: at 7B a row takes minutes
         out = run(command)
         epoch = re.findall(r"epoch 0: .*?(\d+) s,", out)[-1]
         peak = float(re.findall(r"peak memory ([\d.]+) GB", out)[-1])
-        rows.append(f"| {task}, {sentences} sentences + as many dev: {name} | epoch {epoch} s | {peak:.2f} GB | |")
-    return rows
+        yield f"| {task}, {sentences} sentences + as many dev: {name} | epoch {epoch} s | {peak:.2f} GB | |"
 
 
 def bench_fsdp(sentences: int) -> None:
@@ -271,8 +271,8 @@ def bench_big(folder: str, new: int, sentences: int, threads: int, shape: str = 
         print(f"read bandwidth (one 1 GB sum): {read_bandwidth():.1f} GB/s; {threads} threads; "
               f"CPU bf16 products native: {torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()}")
         print("\n| run | speed | peak memory | weights read per second |\n| --- | ---: | ---: | ---: |", flush=True)
-        for row in generate_rows(folder, new, threads, SHAPES[shape]) + (lora_rows(folder, sentences, threads)
-                                                                          if sentences else []):
+        for row in itertools.chain(generate_rows(folder, new, threads, SHAPES[shape]),
+                                   lora_rows(folder, sentences, threads) if sentences else []):
             print(row, flush=True)
     finally:
         if made:

@@ -179,8 +179,8 @@ def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
                      help="training: examples per forward and backward pass at most; a step sorts its batch by "
                           "length, cuts it into micro-batches and sums their gradients, so that little padding is "
                           "computed and the step is the batch's (default: on a CPU as few as pad at most a quarter "
-                          "of a token per real token, on a GPU the whole batch); with dropout, each micro-batch "
-                          "draws its own masks")
+                          "of a token per real token, on a GPU or above a --quantize base the whole batch); with "
+                          "dropout, each micro-batch draws its own masks")
     cls.add_argument("--gradient_checkpointing", action="store_true",
                      help="training: recompute each layer's activations in the backward pass instead of keeping "
                           "them: less memory for long inputs and big models, a second forward pass of compute, the "
@@ -263,8 +263,10 @@ def get_args(argv: Optional[list[str]] = None) -> Settings:
         files = RunFiles.beside(in_run_dir(args.filepath or f"{name}-{args.option}-{args.lr}.pt"))
         lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets, args.quantize) \
             if args.option == "lora" else None
+        # above a quantized base each micro-batch dequantizes every matrix twice: the whole batch at once is faster
+        micro_batch_size = args.micro_batch_size or (args.batch_size if lora and lora.quantize else None)
         training = TrainingSettings(args.option, args.epochs, args.lr, args.hidden_dropout_prob, lora, files,
-                                    args.resume, args.overwrite, args.micro_batch_size, args.gradient_checkpointing,
+                                    args.resume, args.overwrite, micro_batch_size, args.gradient_checkpointing,
                                     args.fsdp, args.task, args.lr_scheduler, args.warmup_steps, args.weight_decay,
                                     args.max_grad_norm, args.train_on_prompt, args.block_size)
         outputs = files.outputs() + outputs  # the checkpoint first: the file that a clash names

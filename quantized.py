@@ -79,7 +79,8 @@ def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
         first = start // NF4_BLOCK
         absmax[first:first + blocks.shape[0]] = block_absmax = blocks.abs().amax(dim=1)
         level = torch.bucketize(blocks / block_absmax.clamp(min=1e-30)[:, None], boundaries, out_int32=True)
-        codes[start // 2:(start + chunk.numel()) // 2] = (level[:, 0::2] << 4 | level[:, 1::2]).flatten().to(torch.uint8)
+        pairs = level[:, 0::2] << 4 | level[:, 1::2]
+        codes[start // 2:(start + chunk.numel()) // 2] = pairs.flatten().to(torch.uint8)
     # the padding's scales are left out of the mean, then set to it: they quantize to 0 and change no factor
     scale_mean = absmax[:n_blocks].mean()
     centered = (absmax - scale_mean).index_fill_(0, torch.arange(n_blocks, absmax.numel(), device=weight.device), 0)

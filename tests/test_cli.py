@@ -327,6 +327,15 @@ def test_flags_take_hyphens_and_underscores_alike():
     assert (data.batch_size, data.label_names, data.max_sentence_len) == (3, "a.json", 5)
 
 
+def test_a_quantized_base_trains_each_step_whole_unless_told():
+    """Each micro-batch dequantizes every matrix twice: above a quantized base a CPU step is not cut by length."""
+    common = ["--option", "lora", "--train", "a.txt", "--dev", "d.txt", "--test", "t.txt", "--label-names", "l.json",
+              "--batch_size", "6"]
+    assert flags.get_args(common).training.micro_batch_size is None
+    assert flags.get_args(common + ["--quantize", "nf4"]).training.micro_batch_size == 6
+    assert flags.get_args(common + ["--quantize", "int8", "--micro_batch_size", "2"]).training.micro_batch_size == 2
+
+
 def test_a_single_temperature_honours_the_output_flags(tmp_path):
     common = ["--option", "generate", *model_flags(), "--max_new_tokens", "5", "--prompt", "Once upon a time"]
     run(common + ["--temperature", "0.5", "--generated_sentence_high_temp_out", "sampled.txt"], tmp_path)

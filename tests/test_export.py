@@ -207,7 +207,8 @@ def test_a_qlora_export_holds_its_dequantized_base_in_bf16_with_the_adapters_mer
                         llama.tied_embeddings)
     written = load_file(tmp_path / "classifier" / "model.safetensors")
     assert merged.keys() - {"lm_head.weight"} == written.keys() - {"score.weight"}
-    assert all(torch.equal(written[name], merged[name].to(torch.bfloat16)) for name in written if name != "score.weight")
+    assert all(torch.equal(written[name], merged[name].to(torch.bfloat16)) for name in written
+               if name != "score.weight")
     # transformers reads it as classify reads the checkpoint, up to the base's rounding to bf16
     split = load_split("input", str(exported / "sst-dev.txt"), SST_NAMES, tokenizer, 512, labels_optional=True)
     ours = predict(model, split, 8, tokenizer.pad_id, Runtime(torch.device("cpu"), None)).exp()
