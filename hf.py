@@ -297,15 +297,14 @@ def hf_config(config: LlamaConfig, tied: bool, dtype: torch.dtype = torch.float3
 
 
 def hf_weights(state_dict: dict[str, torch.Tensor], config: LlamaConfig, tied: bool) -> dict[str, torch.Tensor]:
-    """A Llama's state dict under transformers' names and rotary layout (contiguous, one copy per tensor), fp32 but
-    for bf16 weights (an export of a QLoRA run), which stay bf16."""
+    """A Llama's state dict under transformers' names and rotary layout (contiguous, one copy per tensor, in its own
+    dtype: fp32, or bf16 for the export of a QLoRA run)."""
     out = {}
     for name, tensor in state_dict.items():
         if tied and name == "output.weight":
             continue  # transformers ties lm_head to embed_tokens itself
         heads = _heads(name, tensor, config)
-        tensor = tensor.detach() if tensor.dtype == torch.bfloat16 else tensor.detach().float()
-        out[hf_name(name)] = (to_rotate_half(tensor, heads) if heads else tensor).contiguous()
+        out[hf_name(name)] = (to_rotate_half(tensor, heads) if heads else tensor).detach().contiguous()
     return out
 
 

@@ -83,7 +83,8 @@ def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
         codes[start // 2:(start + chunk.numel()) // 2] = pairs.flatten().to(torch.uint8)
     # the padding's scales are left out of the mean, then set to it: they quantize to 0 and change no factor
     scale_mean = absmax[:n_blocks].mean()
-    centered = (absmax - scale_mean).index_fill_(0, torch.arange(n_blocks, absmax.numel(), device=weight.device), 0)
+    centered = absmax - scale_mean
+    centered[n_blocks:] = 0
     groups = centered.view(n_groups, SCALE_GROUP)
     scale_factors = SCALE_GROUP / 2 / groups.abs().amax(dim=1).clamp(min=1e-30)  # int8 steps per unit of scale
     scale_codes = (groups * scale_factors[:, None]).round().clamp(-128, 127).to(torch.int8).flatten()
