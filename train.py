@@ -30,7 +30,7 @@ from evaluate import NonFiniteScores, lm_loss, metrics, predict
 from optimizer import AdamW, decay_groups, lr_factor
 from runtime import Interrupted, Runtime
 from settings import Settings
-from utils import UsageError, atomic_write, save_atomic, signals_deferred, write_text_atomic
+from utils import UsageError, atomic_write, return_free_memory, save_atomic, signals_deferred, write_text_atomic
 
 if TYPE_CHECKING:  # matplotlib is optional
     from matplotlib.figure import Figure
@@ -217,6 +217,7 @@ def accumulate_gradients(model: torch.nn.Module, split: Split, indices: list[int
                 part_loss = summed_loss(model, split, [indices[i] for i in part], [weights[i] for i in part], pad_id,
                                         runtime.device)
             (scaler.scale(part_loss * scale) if scaler else part_loss * scale).backward()
+        return_free_memory()  # the pass's activations: else each thread's heap keeps its own (see utils)
         loss_sum += part_loss.item()
     return loss_sum
 

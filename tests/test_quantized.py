@@ -150,3 +150,13 @@ def test_loading_quantizes_every_layer_matrix_and_nothing_else():
     tokens = torch.randint(0, 512, (2, 10))
     with torch.no_grad():
         assert torch.allclose(model(tokens, all_logits=True)[0], plain(tokens, all_logits=True)[0], atol=1e-5)
+
+
+def test_loading_returns_each_matrixs_temporaries_to_the_system(monkeypatch):
+    # glibc keeps freed pages in its heap: without a trim after each matrix, a 7B nf4 base peaked 2.7 GB above its
+    # quantized weights (6.5 GB against 4.0 GB, measured)
+    import llama
+    trims = []
+    monkeypatch.setattr(llama, "return_free_memory", lambda: trims.append(len(trims)))
+    model = load_pretrained(asset(STORIES260K), torch.float32, "nf4")
+    assert len(trims) == sum(isinstance(m, NF4Linear) for m in model.modules()) == 5 * 7
