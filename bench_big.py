@@ -235,7 +235,7 @@ def lora_rows(folder: str, sentences: int, threads: int) -> Iterator[str]:
         out = run(command)
         epoch = re.findall(r"epoch 0: .*?(\d+) s,", out)[-1]
         peak = float(re.findall(r"peak memory ([\d.]+) GB", out)[-1])
-        yield f"| {task}, {sentences} sentences + as many dev: {name} | epoch {epoch} s | {peak:.2f} GB | |"
+        yield f"| {task}, {sentences} sentences + as many dev: {name} | epoch {epoch} s | {peak:.2f} GB | | |"
 
 
 def bench_fsdp(sentences: int) -> None:
@@ -272,7 +272,8 @@ def bench_big(folder: str, new: int, sentences: int, threads: int, shape: str = 
             make_folder(folder, SHAPES[shape])
         print(f"read bandwidth (one 1 GB sum): {read_bandwidth():.1f} GB/s; {threads} threads; "
               f"CPU bf16 products native: {torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()}")
-        print("\n| run | speed | peak memory | weights read per second |\n| --- | ---: | ---: | ---: |", flush=True)
+        print("\n| run | speed | peak memory | weights read per second | whole command |\n"
+              "| --- | ---: | ---: | ---: | ---: |", flush=True)
         for row in itertools.chain(generate_rows(folder, new, threads, SHAPES[shape]),
                                    lora_rows(folder, sentences, threads) if sentences else []):
             print(row, flush=True)

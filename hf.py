@@ -12,6 +12,7 @@ and this project interleave the pairs; the rows of wq and wk are permuted on the
 """
 import json
 import math
+import mmap
 import os
 import struct
 import sys
@@ -167,10 +168,11 @@ _ITEM_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 _MAX_HEADER = 100_000_000
 
 
-def check_safetensors(path: str) -> None:
-    """Refuse, naming the file, a safetensors file whose header does not describe its own bytes: a header longer than
-    the file, a tensor whose offsets lie outside the data, overlap another's or disagree with its shape and dtype, or a
-    dtype no Llama checkpoint stores; before anything is allocated for it."""
+def check_safetensors(path: str) -> dict[str, tuple[str, list[int], int]]:
+    """Each tensor's (dtype, shape, offset of its bytes in the file) from a safetensors file's header. Refuse, naming
+    the file, one whose header does not describe its own bytes: a header longer than the file, a tensor whose offsets
+    lie outside the data, overlap another's or disagree with its shape and dtype, or a dtype no Llama checkpoint
+    stores; before anything is allocated for it."""
     def refuse(why: str) -> UsageError:
         return UsageError(f"--pretrained-model-path {path}: not a valid safetensors file ({why}); download it again")
 
@@ -188,7 +190,7 @@ def check_safetensors(path: str) -> None:
             raise refuse(f"its header is not JSON: {e}") from e
     if not isinstance(header, dict):
         raise refuse("its header is not a JSON object")
-    spans, data_size = [], size - 8 - header_len
+    spans, data_size, layout = [], size - 8 - header_len, {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -204,10 +206,29 @@ def check_safetensors(path: str) -> None:
             raise refuse(f"tensor {name}'s bytes {begin}..{end} are not its shape {shape} of {dtype} within the "
                          f"{data_size} bytes of data")
         spans.append((begin, end, name))
+        layout[name] = (dtype, shape, 8 + header_len + begin)
     spans.sort()
     for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
         if begin < end:
             raise refuse(f"tensors {name} and {other} share bytes")
+    return layout
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def mapped_tensor(path: str, dtype: str, shape: list[int], offset: int) -> torch.Tensor:
+    """A tensor over its bytes in the file, mapped copy-on-write: reading it copies nothing (as transformers' loading),
+    and its pages leave memory with it, so that a model converted matrix by matrix (decoding's int8, fp16) never
+    holds the file's weights beside their new form."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=_TORCH_DTYPES[dtype])
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        pages = mmap.mmap(f.fileno(), offset - start + count * _ITEM_SIZES[dtype], offset=start,
+                          access=mmap.ACCESS_COPY)
+    return torch.frombuffer(pages, dtype=_TORCH_DTYPES[dtype], count=count, offset=offset - start).view(shape)
 
 
 class SafetensorsWeights(Mapping):
@@ -218,8 +239,9 @@ class SafetensorsWeights(Mapping):
     def __init__(self, folder: str, config: LlamaConfig, tied: bool):
         self.config = config
         self.where: dict[str, tuple[str, str]] = {}  # our name -> (file, transformers' name)
+        self.layout: dict[tuple[str, str], tuple[str, list[int], int]] = {}  # (file, name) -> (dtype, shape, offset)
         for path in weight_files(folder):
-            check_safetensors(path)
+            self.layout.update(((path, key), entry) for key, entry in check_safetensors(path).items())
             with _readable(path), safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     if key.endswith("rotary_emb.inv_freq"):  # older exports store the rotary table; it is recomputed
@@ -236,8 +258,8 @@ class SafetensorsWeights(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         path, key = self.where[name]
-        with _readable(path), safe_open(path, framework="pt") as f:
-            tensor = f.get_tensor(key)
+        with _readable(path):
+            tensor = mapped_tensor(path, *self.layout[path, key])
         heads = _heads(name, tensor, self.config)
         return from_rotate_half(tensor, heads) if heads else tensor
 
