@@ -377,3 +377,27 @@ def test_a_hostile_safetensors_header_is_refused_in_one_line_before_any_allocati
     with pytest.raises(UsageError, match="model.safetensors: not a valid safetensors file") as refused:
         load_pretrained(str(folder))
     assert words in str(refused.value) and "\n" not in str(refused.value)
+
+
+def mapped_files(tensor):
+    """The files whose mapping in this process holds the tensor's first byte."""
+    address, files = tensor.data_ptr(), set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split()
+            begin, end = (int(x, 16) for x in span.split("-"))
+            if begin <= address < end and len(rest) >= 5:
+                files.add(rest[4])
+    return files
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_folders_weights_are_mapped_from_its_file_not_copied(hf_folders):
+    # read into new memory, a 7B model would be held twice while decoding.py converts it
+    theirs, root = hf_folders
+    model = load_pretrained(str(root / "single"))  # fp32 in the file and held in fp32: the file's own bytes
+    weights = [model.output.weight, model.layers[0].feed_forward.w2.weight, model.norm.weight]
+    assert all(mapped_files(w) == {str(root / "single" / "model.safetensors")} for w in weights)
+    model.layers[0].feed_forward.w2.weight.data += 1  # copy-on-write: the file stays as it was
+    assert torch.equal(load_pretrained(str(root / "single")).layers[0].feed_forward.w2.weight,
+                       theirs.model.layers[0].mlp.down_proj.weight)
