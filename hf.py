@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from config import LlamaConfig
 from utils import UsageError
@@ -218,9 +217,8 @@ _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloa
 
 
 def mapped_tensor(path: str, dtype: str, shape: list[int], offset: int) -> torch.Tensor:
-    """A tensor over its bytes in the file, mapped copy-on-write: reading it copies nothing (as transformers' loading),
-    and its pages leave memory with it, so that a model converted matrix by matrix (decoding's int8, fp16) never
-    holds the file's weights beside their new form."""
+    """A tensor over its bytes in the file, mapped copy-on-write: reading it copies nothing (as transformers' loading
+    does), a write changes only this process's copy, and its pages leave memory when it goes."""
     count = math.prod(shape)
     if count == 0:
         return torch.empty(shape, dtype=_TORCH_DTYPES[dtype])
@@ -241,16 +239,15 @@ class SafetensorsWeights(Mapping):
         self.where: dict[str, tuple[str, str]] = {}  # our name -> (file, transformers' name)
         self.layout: dict[tuple[str, str], tuple[str, list[int], int]] = {}  # (file, name) -> (dtype, shape, offset)
         for path in weight_files(folder):
-            self.layout.update(((path, key), entry) for key, entry in check_safetensors(path).items())
-            with _readable(path), safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq"):  # older exports store the rotary table; it is recomputed
-                        continue
-                    name = our_name(key)
-                    if name is None:
-                        raise UsageError(f"--pretrained-model-path {path}: tensor {key} is not part of a "
-                                         f"LlamaForCausalLM; pass the folder of a base model")
-                    self.where[name] = (path, key)
+            for key, entry in check_safetensors(path).items():
+                if key.endswith("rotary_emb.inv_freq"):  # older exports store the rotary table; it is recomputed
+                    continue
+                name = our_name(key)
+                if name is None:
+                    raise UsageError(f"--pretrained-model-path {path}: tensor {key} is not part of a "
+                                     f"LlamaForCausalLM; pass the folder of a base model")
+                self.where[name] = (path, key)
+                self.layout[path, key] = entry
         if tied:
             for name, other in (("output.weight", "tok_embeddings.weight"), ("tok_embeddings.weight", "output.weight")):
                 if name not in self.where and other in self.where:
@@ -274,7 +271,7 @@ class SafetensorsWeights(Mapping):
 def _readable(path: str) -> Iterator[None]:
     try:
         yield
-    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+    except (OSError, ValueError) as e:
         raise UsageError(f"--pretrained-model-path {path}: not a readable safetensors file ({e})") from e
 
 

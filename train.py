@@ -217,8 +217,8 @@ def accumulate_gradients(model: torch.nn.Module, split: Split, indices: list[int
                 part_loss = summed_loss(model, split, [indices[i] for i in part], [weights[i] for i in part], pad_id,
                                         runtime.device)
             (scaler.scale(part_loss * scale) if scaler else part_loss * scale).backward()
-        return_free_memory()  # the pass's activations: else each thread's heap keeps its own (see utils)
         loss_sum += part_loss.item()
+    return_free_memory()  # the step's activations: else each thread's heap keeps its own (see utils)
     return loss_sum
 
 
