@@ -112,7 +112,7 @@ def products_ms(model: Decoder, args: argparse.Namespace) -> float:
     rounds = 20  # a step's products take milliseconds: each timing spans 20 of them
 
     def steps() -> None:
-        with model.step_threads(inputs[0]):
+        with model.step_context(inputs[0]):
             for _ in range(rounds):
                 for product, x in zip(products, inputs):
                     product(x)

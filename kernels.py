@@ -16,6 +16,12 @@ from torch.overrides import TorchFunctionMode
 BLOCK = 1 << 24  # elements of a weight converted at a time: 64 MB of fp32 (one block for every matrix of stories42M)
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether bf16 matrix products run natively on this CPU. Without AVX512-BF16 or AMX, PyTorch falls back
+    to a generic kernel (measured on an AVX2-only CPU: 1.7 GFLOP/s in bf16 against 90 in fp32)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def row_blocks(weight: torch.Tensor, elements: int = BLOCK) -> list[slice]:
     """The weight's rows in blocks of at most `elements`."""
     rows = max(1, elements // weight.shape[1])

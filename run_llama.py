@@ -50,12 +50,14 @@ from utils import UsageError, held_outputs, write_text_atomic
 # ---------------------------------------------------------------------------------------------------------
 # one function per option
 
-def language_model(settings: Settings, runtime: Runtime, trained: Optional[TrainedModel],
-                   held: torch.dtype) -> tuple[Any, Any, dict]:
-    """The language model to generate from or score, held in `held`: the base model, or a --task lm checkpoint's
-    (its adapters merged in fp32 first, where they are exact); and the Alpaca template it was trained with."""
+def language_model(settings: Settings, runtime: Runtime, trained: Optional[TrainedModel], held: torch.dtype,
+                   quantize: Optional[str] = None) -> tuple[Any, Any, dict]:
+    """The language model to generate from or score, held in `held` (a base model's layers in `quantize`, as read):
+    the base model, or a --task lm checkpoint's (its adapters merged in fp32 first, where they are exact); and the
+    Alpaca template it was trained with."""
     if trained is None:
-        llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device, held)
+        llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device, held,
+                                           quantize)
         return llama.eval(), tokenizer, ALPACA_TEMPLATE
     model, tokenizer = load_trained(trained.path, trained.saved, trained.model, trained.tokenizer, runtime.device)
     return model.llama.to(held).eval(), tokenizer, trained.saved["template"]
@@ -65,7 +67,9 @@ def generate(settings: Settings, runtime: Runtime) -> None:
     generation = settings.generation
     # quantized weights are made from the stored ones as they are read: an fp32 copy of a bf16 file would add nothing
     held = (DTYPES.get(settings.stored_dtype[0]) or torch.float32) if generation.quantize else runtime.weights_dtype
-    llama, tokenizer, template = language_model(settings, runtime, generation.trained, held)
+    # int8 rows are decoding's own: loading makes them one matrix at a time, never the whole model in `held` first
+    llama, tokenizer, template = language_model(settings, runtime, generation.trained, held,
+                                                "int8" if generation.quantize == "int8" else None)
     # llama2.c's models start each story with <s> and never saw </s>: either token ends the story
     stop_ids = {tokenizer.bos_id, tokenizer.eos_id} if generation.stop_at_eos else set()
     if generation.input:

@@ -85,6 +85,7 @@ def test_quantized_generation_writes_its_story_and_every_run_reports_its_decodin
     speeds = [line for line in out.splitlines() if line.startswith("decode: ")]
     assert len(speeds) == 3 and all(re.fullmatch(r"decode: 40 new tokens; after the prompt's forward pass, which makes the first, 39 decoding steps in [\d.]+ s, [\d.]+ tok/s", s) for s in speeds)
     assert "quantized the weights to int8" in out and "quantized the weights to fp16" in out
+    assert out.count("layers in int8") == 1  # int8's loading quantizes each matrix as read (fp16's converts later)
     for quantize in ("int8", "fp16"):
         assert (tmp_path / f"{quantize}.txt").read_text()[:60] == (tmp_path / "generated-sentence-temp-0.txt").read_text()[:60]
 

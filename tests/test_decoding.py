@@ -6,9 +6,10 @@ import copy
 import pytest
 import torch
 
+import decoding
 from conftest import STORIES260K, TOK512, asset, tiny_config
 from llama import Llama, load_pretrained
-from decoding import (Fp16Linear, Int8Linear, TransposedLinear, prepare_for_decoding, timed_generation,
+from decoding import (Bf16Linear, Fp16Linear, Int8Linear, TransposedLinear, prepare_for_decoding, timed_generation,
                       weight_megabytes)
 from quantized import quantize_rows
 from tokenizer import Tokenizer
@@ -121,6 +122,18 @@ def models():
     return model, prepared, Tokenizer(asset(TOK512))
 
 
+@torch.inference_mode()
+def test_int8_decoding_of_layers_quantized_as_read_is_that_of_the_float_model(models):
+    """Generating with --quantize int8 loads the layers' matrices quantized one at a time (never the whole float
+    model); the decoder made from them is the one made from the float model, to the bit."""
+    _, prepared, _ = models
+    as_read = prepare_for_decoding(load_pretrained(asset(STORIES260K), quantize="int8"), "int8")
+    tokens = torch.tensor([[1, 403, 407, 261, 378, 90, 7]])
+    assert torch.equal(as_read(tokens, all_logits=True)[0], prepared["int8"](tokens, all_logits=True)[0])
+    assert {name: b.dtype for name, b in as_read.named_buffers()} == \
+        {name: b.dtype for name, b in prepared["int8"].named_buffers()}
+
+
 def test_the_tied_matrix_is_stored_once_at_a_quarter_of_the_bytes(models):
     model, prepared, _ = models
     quantized = prepared["int8"]
@@ -182,9 +195,11 @@ def test_next_tokens_agree_with_fp32_and_log_probabilities_stay_close(models, qu
     assert torch.cat(next_token_changes).mean() <= max_mean_change
 
 
-def test_bf16_weights_decode_in_fp16_products_at_two_bytes_a_weight():
-    """A model held in bf16 decodes with fbgemm's fp16-weight products where its matrices fit fp16, with logits
-    those of the fp32 model within bf16's rounding; a matrix beyond fp16's range stays bf16."""
+def test_bf16_weights_decode_in_fp16_products_at_two_bytes_a_weight(monkeypatch):
+    """On a CPU without bf16 products, a model held in bf16 decodes with fbgemm's fp16-weight products where its
+    matrices fit fp16, with logits those of the fp32 model within bf16's rounding; a matrix beyond fp16's range
+    stays bf16."""
+    monkeypatch.setattr(decoding, "cpu_has_bf16_matmul", lambda: False)
     torch.manual_seed(0)
     held = Llama(tiny_config(), tied_embeddings=False).eval().to(torch.bfloat16)
     with torch.no_grad():
@@ -201,6 +216,34 @@ def test_bf16_weights_decode_in_fp16_products_at_two_bytes_a_weight():
         expected = held_as_fp32(tokens, all_logits=True)[0]
         logits = prepared(tokens, all_logits=True)[0]
     torch.testing.assert_close(logits, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_bf16_weights_decode_where_they_lie_on_a_cpu_with_bf16_products(monkeypatch):
+    """With bf16 products, a bf16 model decodes from its own matrices: nothing converted or copied but the
+    queries' matrix (scaled), no byte more, the logits those of the fp32 model within bf16's rounding of the activations,
+    and a step of one token multiplies outside oneDNN while a prompt of several multiplies in it."""
+    monkeypatch.setattr(decoding, "cpu_has_bf16_matmul", lambda: True)
+    torch.manual_seed(0)
+    held = Llama(tiny_config(), tied_embeddings=False).eval().to(torch.bfloat16)
+    held_as_fp32 = copy.deepcopy(held).float()
+    bf16_bytes = sum(p.numel() * 2 for p in held.parameters() if p.dim() == 2)
+    attention, feed_forward = held.layers[0].attention, held.layers[0].feed_forward
+    stored = [held.output.weight, attention.wk.weight, attention.wv.weight, attention.wo.weight,
+              feed_forward.w1.weight, feed_forward.w3.weight, feed_forward.w2.weight]
+    prepared = prepare_for_decoding(held)
+    assert all(isinstance(m, Bf16Linear) for m in prepared.products())
+    layer = prepared.layers[0]
+    held_parts = [prepared.output.part0, *layer.wqkv.parts[1:], layer.wo.part0, *layer.w13.parts, layer.w2.part0]
+    assert [t.data_ptr() for t in held_parts] == [t.data_ptr() for t in stored]
+    assert weight_megabytes(prepared) * 1e6 == pytest.approx(bf16_bytes, rel=0.01)
+    onednn = []
+    layer.wo.register_forward_pre_hook(lambda *_: onednn.append(torch.backends.mkldnn.enabled))
+    tokens = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = held_as_fp32(tokens, all_logits=True)[0]
+        torch.testing.assert_close(prepared(tokens, all_logits=True)[0], expected, atol=3e-2, rtol=3e-2)
+        prepared(tokens[:, :1])
+    assert onednn == [True, False] and torch.backends.mkldnn.enabled
 
 
 def test_generation_stops_before_the_first_stop_token_and_counts_its_step():
