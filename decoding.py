@@ -1,5 +1,6 @@
-"""The model laid out for generating text (`--option generate`): Decoder, with fp32, int8 or fp16 weights
-(`--quantize int8|fp16`), and the timed generation that the CLI and bench.py share.
+"""The model laid out for generating text (`--option generate`): Decoder, with fp32 or bf16 weights (a bf16 model's
+own, where the CPU has bf16 products: Bf16Linear), int8 or fp16 ones (`--quantize int8|fp16`), and the timed
+generation that the CLI and bench.py share.
 
 Decoding one token reads every weight matrix once and does two flops per weight, so its speed is the speed of
 reading the weights, plus the cost of every small operation around the products. Decoder keeps both low:
@@ -371,8 +372,9 @@ class Decoder(nn.Module, Generation):
 
 
 def prepare_for_decoding(model: Llama, quantize: Optional[str] = None) -> Decoder:
-    """The Decoder of model, with fp32 weights or quantize="int8" / "fp16". It takes the weights out of model,
-    which is left without them: the float matrices are freed as they are converted."""
+    """The Decoder of model, with its own weights' precision or quantize="int8" / "fp16" (a model loaded with its
+    layers in int8 keeps those rows). It takes the weights out of model, which is left without them: the float
+    matrices are freed as they are converted."""
     return Decoder(model, quantize)
 
 

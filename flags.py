@@ -57,6 +57,8 @@ examples (stories260K, the tiny model that setup.sh --no-stories42M keeps; drop 
 
 ASSIGNMENT_PREFIX = ("I have wanted to see this thriller for a while, and it didn't disappoint. "
                      "Keanu Reeves, playing the hero John Wick, is")
+OPTIONS = ("generate", "prompt", "finetune", "lora", "classify", "perplexity", "export")
+USAGE = "%(prog)s [--option {" + ",".join(OPTIONS) + "}] [flags]"
 MODE_NAMES = {"prompt": "prompting", "finetune": "finetuning", "lora": "lora"}
 TRAINING = ("finetune", "lora")
 CFIMDB = {"--train": "data/cfimdb-train.txt", "--dev": "data/cfimdb-dev.txt", "--test": "data/cfimdb-test.txt",
@@ -76,77 +78,108 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def finite_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (say e.g. 0.5 or 1e-4)") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 
+def whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (say e.g. 8)") from None
+
+
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter)
-    parser.add_argument("--option", choices=("generate", "prompt", "finetune", "lora", "classify", "perplexity",
-                                             "export"),
-                        default="generate", help="what to do (see above)")
-    parser.add_argument("--train", help=f"training data (default: {CFIMDB['--train']}, see --dev)")
-    parser.add_argument("--dev", help=f"dev data (default: {CFIMDB['--dev']}); give all of --train --dev --test "
-                                      f"--label-names or none (CFIMDB), never some")
-    parser.add_argument("--test", help=f"test data (default: {CFIMDB['--test']})")
-    parser.add_argument("--label-names", help=f"JSON list of label names (default: {CFIMDB['--label-names']})")
-    parser.add_argument("--pretrained-model-path", help=f"llama2.c checkpoint (train.py .pt or legacy .bin export) "
-                                                        f"or Hugging Face folder (default: {DEFAULT_MODEL}; "
-                                                        f"classify, export: the checkpoint's)")
-    parser.add_argument("--tokenizer", help=f"sentencepiece model or tokenizer.json matching the checkpoint, "
-                                            f"tok512.model for stories260K (default: {TOKENIZER_MODEL}, or a Hugging "
-                                            f"Face folder's own; classify, export: the checkpoint's)")
-    parser.add_argument("--max_sentence_len", type=int, default=None,
-                        help="cut each classified sentence to this many tokens, prompts and labels staying whole "
-                             "(default: whole sentences, cut only to the model's window; classify: the training run's)")
-    parser.add_argument("--seed", type=int, default=1337, help="seeds initialisation, dropout and batch order")
-    parser.add_argument("--use_gpu", action="store_true", help="run on CUDA (or Apple MPS)")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="precision the weights are held and multiplied in (what trains keeps fp32 masters); auto: "
-                             "the checkpoint's (a llama2.c model's fp32; classify: the training run's) where this "
-                             "device multiplies it natively, else fp32")
-    parser.add_argument("--output_dir", default=None,
-                        help="write the run's files (checkpoint, state, metrics, curves, predictions, generated text, "
-                             "and run.json with the command) into this folder, made as needed, under their usual "
-                             "names; absolute output paths stay where they are (default: the current folder, no "
-                             "run.json)")
-    add_generation_flags(parser.add_argument_group("generate"))
-    add_classification_flags(parser.add_argument_group("classification"))
-    add_training_flags(parser.add_argument_group("training: the learning rate's schedule and regularisation"))
-    add_lm_flags(parser.add_argument_group("the language model (--task lm, perplexity)"))
-    return parser
-
-
-def add_training_flags(train: argparse._ArgumentGroup) -> None:
+    parser = ArgumentParser(usage=USAGE, description=DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    todo = parser.add_argument_group("what to do")
+    todo.add_argument("--option", choices=OPTIONS, default="generate", help="what to do (see above)")
+    todo.add_argument("--task", choices=("classify", "lm"), default="classify",
+                      help="finetune, lora: a classifier with a head (the assignment's), or the language model itself "
+                           "trained by next-token cross-entropy (--train alone needed; --dev, --test optional)")
+    model = parser.add_argument_group("model", "every option: the model, its precision and device")
+    model.add_argument("--pretrained-model-path", help=f"llama2.c checkpoint (train.py .pt or legacy .bin export) "
+                                                       f"or Hugging Face folder (default: {DEFAULT_MODEL}; "
+                                                       f"classify, export: the checkpoint's)")
+    model.add_argument("--tokenizer", help=f"sentencepiece model or tokenizer.json matching the checkpoint, "
+                                           f"tok512.model for stories260K (default: {TOKENIZER_MODEL}, or a Hugging "
+                                           f"Face folder's own; classify, export: the checkpoint's)")
+    model.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                       help="precision the weights are held and multiplied in (what trains keeps fp32 masters); auto: "
+                            "the checkpoint's (a llama2.c model's fp32; classify: the training run's) where this "
+                            "device multiplies it natively, else fp32")
+    model.add_argument("--use_gpu", action="store_true", help="run on CUDA (or Apple MPS)")
+    model.add_argument("--quantize", choices=("int8", "fp16", "nf4"), default=None,
+                       help="generate: decode with int8 weights (one scale per row: a quarter of the bytes to read per "
+                            "token) or fp16 weights (half the bytes, nearly lossless), converted when loading; a line "
+                            "gives the speed of the tokens after the first. lora: hold the frozen base's layers in nf4 "
+                            "(QLoRA's 4-bit NormalFloat, 4.13 bits a weight) or int8, quantized as read, adapters "
+                            "trained above them (default: the weights' own precision)")
+    data = parser.add_argument_group("data", "prompt, finetune, lora, classify; --input for generate and perplexity")
+    data.add_argument("--train", help=f"training data (default: {CFIMDB['--train']}, see --dev)")
+    data.add_argument("--dev", help=f"dev data (default: {CFIMDB['--dev']}); give all of --train --dev --test "
+                                    f"--label-names or none (CFIMDB), never some")
+    data.add_argument("--test", help=f"test data (default: {CFIMDB['--test']})")
+    data.add_argument("--label-names", help=f"JSON list of label names (default: {CFIMDB['--label-names']})")
+    data.add_argument("--input", help="classify: sentences, one per line (or '<label> ||| <sentence>'), or a .jsonl, "
+                                      ".csv or .tsv data file whose labels may be left out; - for stdin; generate: "
+                                      "JSONL of \"prompt\" (used as it is) or \"instruction\" (and \"input\": "
+                                      "the checkpoint's Alpaca template) lines; perplexity: the text file (no default)")
+    data.add_argument("--text_field", default="text", help="the sentence's field in .jsonl data, its column in .csv/.tsv")
+    data.add_argument("--label_field", default="label", help="the label's field in .jsonl data, its column in .csv/.tsv")
+    data.add_argument("--max_sentence_len", type=whole_number, default=None,
+                      help="cut each classified sentence to this many tokens, prompts and labels staying whole "
+                           "(default: whole sentences, cut only to the model's window; classify: the training run's)")
+    data.add_argument("--block_size", type=whole_number, default=None,
+                      help="--task lm: tokens per example at most (raw text is cut into such blocks; a longer "
+                           "prompt-completion pair loses its prompt's start) (default: the model's max_seq_len)")
+    data.add_argument("--train_on_prompt", action="store_true",
+                      help="--task lm: train on prompts too, not only on completions")
+    train = parser.add_argument_group("training", "finetune and lora")
+    train.add_argument("--epochs", type=whole_number, default=10, help="training epochs")
+    train.add_argument("--batch_size", type=whole_number, help="examples per step and process (default: 8; classify: the training run's)")
+    train.add_argument("--micro_batch_size", type=whole_number, default=None,
+                       help="training: examples per forward and backward pass at most; a step sorts its batch by "
+                            "length, cuts it into micro-batches and sums their gradients, so that little padding is "
+                            "computed and the step is the batch's (default: on a CPU as few as pad at most a quarter "
+                            "of a token per real token, on a GPU or above a --quantize base the whole batch); with "
+                            "dropout, each micro-batch draws its own masks")
+    train.add_argument("--lr", type=finite_float, default=1e-5, help="AdamW learning rate")
     train.add_argument("--lr_scheduler", choices=SCHEDULES, default="constant",
                        help="the learning rate per optimizer step after --warmup_steps: constant, decayed linearly "
                             "or along half a cosine to 0 at the last step (transformers' schedules)")
-    train.add_argument("--warmup_steps", type=int, default=0, help="optimizer steps of linear warmup from 0 to --lr")
+    train.add_argument("--warmup_steps", type=whole_number, default=0, help="optimizer steps of linear warmup from 0 to --lr")
     train.add_argument("--weight_decay", type=finite_float, default=0.0,
                        help="AdamW's decoupled weight decay, on matrices (not norm weights)")
     train.add_argument("--max_grad_norm", type=finite_float, default=0.0,
                        help="clip the gradients' global norm to this, as torch's clip_grad_norm_ (0: no clipping)")
-
-
-def add_lm_flags(lm: argparse._ArgumentGroup) -> None:
-    lm.add_argument("--task", choices=("classify", "lm"), default="classify",
-                    help="finetune, lora: a classifier with a head (the assignment's), or the language model itself "
-                         "trained by next-token cross-entropy (--train alone needed; --dev, --test optional)")
-    lm.add_argument("--train_on_prompt", action="store_true",
-                    help="--task lm: train on prompts too, not only on completions")
-    lm.add_argument("--block_size", type=int, default=None,
-                    help="--task lm: tokens per example at most (raw text is cut into such blocks; a longer "
-                         "prompt-completion pair loses its prompt's start) (default: the model's max_seq_len)")
-    lm.add_argument("--stride", type=int, default=None,
-                    help="perplexity: tokens the window moves by; each token is scored once, with the context its "
-                         "window gives (default: half the window, max_seq_len // 2)")
-
-
-def add_generation_flags(gen: argparse._ArgumentGroup) -> None:
+    train.add_argument("--hidden_dropout_prob", type=finite_float, default=0.3, help="dropout before the classification head")
+    train.add_argument("--seed", type=whole_number, default=1337, help="seeds initialisation, dropout and batch order")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="training: recompute each layer's activations in the backward pass instead of keeping "
+                            "them: less memory for long inputs and big models, a second forward pass of compute, the "
+                            "same results")
+    train.add_argument("--fsdp", action="store_true",
+                       help="finetune under torchrun: shard the weights, gradients and AdamW state across the processes "
+                            "(FSDP2) instead of keeping all of them in each (DistributedDataParallel): for a model whose "
+                            "training does not fit one device; the same results, more communication")
+    train.add_argument("--resume", action="store_true",
+                       help="continue training from <filepath>.state (none yet: start at epoch 0); only --epochs and "
+                            "output/device flags may change")
+    train.add_argument("--eval_train", action="store_true", help="also report accuracy on the training set")
+    lora = parser.add_argument_group("LoRA", "lora, and the adapters it trains")
+    lora.add_argument("--lora_rank", type=whole_number, default=4, help="rank of each LoRA update")
+    lora.add_argument("--lora_alpha", type=finite_float, default=1.0, help="LoRA scaling: alpha / rank")
+    lora.add_argument("--lora_dropout", type=finite_float, default=0.0, help="dropout on the LoRA input")
+    lora.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
+                      help=f"comma-separated among {','.join(ALL_TARGETS)}, or 'attention', or 'all'")
+    gen = parser.add_argument_group("generation", "generate (--stride: perplexity)")
     gen.add_argument("--prompt", default=None, help="text to continue (default: the assignment's John Wick prefix)")
-    gen.add_argument("--max_new_tokens", type=int, default=75,
+    gen.add_argument("--max_new_tokens", type=whole_number, default=75,
                      help="tokens to generate at most: a story ends earlier where the model ends it (see --ignore_eos)")
     gen.add_argument("--ignore_eos", action="store_true",
                      help="go on past the end of the story (the model's </s>, or <s>, which starts the next one in "
@@ -154,76 +187,43 @@ def add_generation_flags(gen: argparse._ArgumentGroup) -> None:
     gen.add_argument("--temperature", type=finite_float, default=None,
                      help="sample once at this temperature instead of the assignment's pair (0 and 1); "
                           "temperature 0 writes to the low-temperature file, any other to the high one (default: the pair)")
-    gen.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens only (default: among all)")
+    gen.add_argument("--top_k", type=whole_number, default=None, help="sample among the k most likely tokens only (default: among all)")
     gen.add_argument("--top_p", type=finite_float, default=None,
                      help="sample among the most likely tokens whose probabilities add up to p (default: among all)")
-    gen.add_argument("--generated_sentence_low_temp_out",
-                     help="greedy output (default: generated-sentence-temp-0.txt)")
-    gen.add_argument("--generated_sentence_high_temp_out",
-                     help="sampled output (default: generated-sentence-temp-1.txt, or -<T>.txt for --temperature T)")
-    gen.add_argument("--quantize", choices=("int8", "fp16", "nf4"), default=None,
-                     help="generate: decode with int8 weights (one scale per row: a quarter of the bytes to read per "
-                          "token) or fp16 weights (half the bytes, nearly lossless), converted when loading; a line "
-                          "gives the speed of the tokens after the first. lora: hold the frozen base's layers in nf4 "
-                          "(QLoRA's 4-bit NormalFloat, 4.13 bits a weight) or int8, quantized as read, adapters "
-                          "trained above them (default: the weights' own precision)")
-
-
-def add_classification_flags(cls: argparse._ArgumentGroup) -> None:
-    cls.add_argument("--dev_out", default=None, help="default: <dataset>-dev-<prompting|finetuning|lora>-output.txt")
-    cls.add_argument("--test_out", default=None, help="default: <dataset>-test-<prompting|finetuning|lora>-output.txt")
-    cls.add_argument("--eval_train", action="store_true", help="also report accuracy on the training set")
-    cls.add_argument("--epochs", type=int, default=10, help="training epochs")
-    cls.add_argument("--batch_size", type=int, help="examples per step and process (default: 8; classify: the training run's)")
-    cls.add_argument("--micro_batch_size", type=int, default=None,
-                     help="training: examples per forward and backward pass at most; a step sorts its batch by "
-                          "length, cuts it into micro-batches and sums their gradients, so that little padding is "
-                          "computed and the step is the batch's (default: on a CPU as few as pad at most a quarter "
-                          "of a token per real token, on a GPU or above a --quantize base the whole batch); with "
-                          "dropout, each micro-batch draws its own masks")
-    cls.add_argument("--gradient_checkpointing", action="store_true",
-                     help="training: recompute each layer's activations in the backward pass instead of keeping "
-                          "them: less memory for long inputs and big models, a second forward pass of compute, the "
-                          "same results")
-    cls.add_argument("--fsdp", action="store_true",
-                     help="finetune under torchrun: shard the weights, gradients and AdamW state across the processes "
-                          "(FSDP2) instead of keeping all of them in each (DistributedDataParallel): for a model whose "
-                          "training does not fit one device; the same results, more communication")
-    cls.add_argument("--lr", type=finite_float, default=1e-5, help="AdamW learning rate")
-    cls.add_argument("--hidden_dropout_prob", type=finite_float, default=0.3, help="dropout before the classification head")
-    cls.add_argument("--filepath", default=None,
+    gen.add_argument("--stride", type=whole_number, default=None,
+                     help="perplexity: tokens the window moves by; each token is scored once, with the context its "
+                          "window gives (default: half the window, max_seq_len // 2)")
+    out = parser.add_argument_group("outputs", "where each option writes")
+    out.add_argument("--output_dir", default=None,
+                     help="write the run's files (checkpoint, state, metrics, curves, predictions, generated text, "
+                          "and run.json with the command) into this folder, made as needed, under their usual "
+                          "names; absolute output paths stay where they are (default: the current folder, no "
+                          "run.json)")
+    out.add_argument("--filepath", default=None,
                      help="best-dev checkpoint (default: <dataset>-<option>-<lr>.pt, --task lm: <train file's "
                           "stem>-<option>-<lr>.pt); training also writes <filepath>.state for --resume, "
                           "<stem>.metrics.jsonl and <stem>.png; generate, perplexity: a --task lm checkpoint to use")
-    cls.add_argument("--resume", action="store_true",
-                     help="continue training from <filepath>.state (none yet: start at epoch 0); only --epochs and "
-                          "output/device flags may change")
-    cls.add_argument("--overwrite", action="store_true",
+    out.add_argument("--overwrite", action="store_true",
                      help="replace a --filepath checkpoint that another run (other data or flags) made; export: "
                           "replace an --output folder that no export made")
-    cls.add_argument("--lora_rank", type=int, default=4, help="rank of each LoRA update")
-    cls.add_argument("--lora_alpha", type=finite_float, default=1.0, help="LoRA scaling: alpha / rank")
-    cls.add_argument("--lora_dropout", type=finite_float, default=0.0, help="dropout on the LoRA input")
-    cls.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
-                     help=f"comma-separated among {','.join(ALL_TARGETS)}, or 'attention', or 'all'")
-    cls.add_argument("--input", help="classify: sentences, one per line (or '<label> ||| <sentence>'), or a .jsonl, "
-                                     ".csv or .tsv data file whose labels may be left out; - for stdin; generate: "
-                                     "JSONL of \"prompt\" (used as it is) or \"instruction\" (and \"input\": "
-                                     "the checkpoint's Alpaca template) lines; perplexity: the text file (no default)")
-    cls.add_argument("--output", help="classify: write the predictions here, in the format its extension names "
+    out.add_argument("--dev_out", default=None, help="default: <dataset>-dev-<prompting|finetuning|lora>-output.txt")
+    out.add_argument("--test_out", default=None, help="default: <dataset>-test-<prompting|finetuning|lora>-output.txt")
+    out.add_argument("--output", help="classify: write the predictions here, in the format its extension names "
                                       "(.jsonl, .csv, .tsv, else '<label> ||| <sentence>'), instead of printing "
                                       "'<label name>\\t<probability>\\t<sentence>' (default); generate: the JSONL "
                                       "of each --input line with its \"completion\"; perplexity: a JSON file of the "
                                       "result; export: the folder to write")
-    cls.add_argument("--text_field", default="text", help="the sentence's field in .jsonl data, its column in .csv/.tsv")
-    cls.add_argument("--label_field", default="label", help="the label's field in .jsonl data, its column in .csv/.tsv")
-    cls.add_argument("--adapter", action="store_true",
+    out.add_argument("--generated_sentence_low_temp_out",
+                     help="greedy output (default: generated-sentence-temp-0.txt)")
+    out.add_argument("--generated_sentence_high_temp_out",
+                     help="sampled output (default: generated-sentence-temp-1.txt, or -<T>.txt for --temperature T)")
+    out.add_argument("--adapter", action="store_true",
                      help="export a LoRA checkpoint as a PEFT adapter (adapter_config.json, adapter_model.safetensors) "
                           "for its base model's folder, instead of merged into a whole model")
-    cls.add_argument("--lm-only", action="store_true",
+    out.add_argument("--lm-only", action="store_true",
                      help="export the language model alone (LlamaForCausalLM): of --filepath, or without it of "
                           "--pretrained-model-path (e.g. a llama2.c model)")
-
+    return parser
 
 # ---------------------------------------------------------------------------------------------------------
 # flags -> settings, made and checked once

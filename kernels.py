@@ -1,4 +1,6 @@
-"""Products with a weight held in 16 bits, where the CPU has no kernel for them that runs at full speed.
+"""Operations whose plain PyTorch form costs more than it must: products with a weight held in 16 bits where the
+CPU has no kernel for them that runs at full speed, and the two of a Llama layer that autograd makes keep more for
+the backward pass than its gradients need.
 
 Without AVX512-BF16 or AMX, PyTorch's bf16 products fall back to a generic kernel (measured on an AVX2 EPYC: one
 (256 x 2048) x (2048 x 5632) product takes 0.5 s forward and 21 s backward, against 0.16 and 0.15 s here).
@@ -6,6 +8,10 @@ Bf16ProductsInFp32Kernels computes them in fp32 kernels instead and gives what a
 exact in fp32, so is the product of two, and a bf16 kernel sums in fp32 too, so the outputs, rounded to bf16, are
 the bf16 kernel's up to the order of the sums. The weights stay bf16: a block of a weight's rows is made fp32 for its
 product alone, and the backward pass keeps the bf16 weight, never an fp32 copy.
+
+rms_norm and swiglu give autograd's values and gradients (the same operations), keeping only their inputs: autograd
+keeps RMSNorm's float32 copy of the input and its normalised output beside it, and SwiGLU's silu(gate) beside gate
+and up. Of what a bf16 Llama-2-7B layer keeps for a token (about 150 KB), that is 54 KB, measured.
 """
 from typing import Any, Optional
 
@@ -65,3 +71,48 @@ class Bf16Product(torch.autograd.Function):
         grad = grad.float()
         x_grad = sum(grad[..., rows] @ weight[rows].float() for rows in row_blocks(weight))
         return x_grad.to(torch.bfloat16).to(ctx.x_dtype), None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in float32 (the mean of squares loses too much in half
+    precision), the product in x's dtype."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x_float = x.float()
+        inverse_rms = torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, inverse_rms)
+        return (x_float * inverse_rms).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
+        x, weight, inverse_rms = ctx.saved_tensors
+        x_float = x.float()
+        weight_grad = None
+        if ctx.needs_input_grad[1]:
+            weight_grad = (grad * (x_float * inverse_rms).type_as(x)).sum_to_size(weight.shape)
+        normed_grad = (grad * weight).float()
+        # through x * r and through r = rsqrt(mean(x^2) + eps), whose gradient is -r^3 x / n
+        rms_grad = (normed_grad * x_float).sum(-1, keepdim=True) * (-0.5 * inverse_rms.pow(3)) / x.shape[-1]
+        x_grad = normed_grad * inverse_rms + rms_grad * 2 * x_float
+        return x_grad.type_as(x), weight_grad, None
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    return SwiGLUFunction.apply(gate, up)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from base_llama import LlamaPreTrainedModel
 from config import LlamaConfig
 from hf import SafetensorsWeights, is_hf_folder, read_config, read_hf
+from kernels import rms_norm, swiglu
 from llama2c import read_llama2c
 from quantized import QUANTIZED_LAYERS
 from rope import precompute_freqs_cis, rotate
@@ -29,10 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 even under bf16/fp16: the mean of squares loses too much in half precision.
-        x_float = x.float()
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)  # kernels.py: autograd's, keeping less for the backward pass
 
 
 class KVCache:
@@ -116,7 +114,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # SwiGLU
+        return self.dropout(self.w2(swiglu(self.w1(x), self.w3(x))))
 
 
 class LlamaLayer(nn.Module):

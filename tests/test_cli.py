@@ -481,3 +481,26 @@ def test_a_story_ends_where_the_model_ends_it_unless_told_to_go_on(tmp_path, cap
     assert "ended the story" not in capsys.readouterr().err
     ended, went_on = (tmp_path / "ended.txt").read_text(), (tmp_path / "on.txt").read_text()
     assert went_on.startswith(ended) and len(went_on) > len(ended) + 100 and 0 < n_new < 500
+
+
+@pytest.mark.parametrize("flag, value, words", [("--temperature", "abc", "'abc' is not a number"),
+                                                ("--lr", "inf", "'inf' is not a finite number"),
+                                                ("--epochs", "2.5", "'2.5' is not a whole number"),
+                                                ("--max_new_tokens", "many", "'many' is not a whole number")])
+def test_a_value_of_the_wrong_type_is_named_in_words(tmp_path, capsys, flag, value, words):
+    line = fails([flag, value], tmp_path, capsys)
+    assert f"argument {flag}: {words}" in line and "invalid" not in line
+
+
+def test_help_opens_with_a_short_usage_and_groups_the_flags_by_what_they_serve(capsys):
+    with pytest.raises(SystemExit):
+        flags.get_args(["--help"])
+    text = capsys.readouterr().out
+    usage = text[:text.index("\n\n")]
+    assert usage.startswith("usage: ") and len(usage.splitlines()) <= 2
+    groups = {group.title: [a.option_strings[0] for a in group._group_actions]
+              for group in flags.build_parser()._action_groups if group._group_actions}
+    assert list(groups)[-7:] == ["what to do", "model", "data", "training", "LoRA", "generation", "outputs"]
+    assert "--lora_rank" in groups["LoRA"] and "--temperature" in groups["generation"] and "--dev_out" in groups["outputs"]
+    for title in ("what to do", "model", "data", "training", "LoRA", "generation", "outputs"):
+        assert f"\n{title}:" in text

@@ -341,7 +341,7 @@ def test_quantized_generation_reads_a_bf16_folder_as_stored_whatever_the_run_s_p
     monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)  # --dtype auto: fp32
     run(["--option", "generate", "--pretrained-model-path", str(bf16_folder[1]), "--max_new_tokens", "6",
          "--temperature", "0", "--quantize", "int8"], tmp_path)
-    assert "parameters, bfloat16)" in capsys.readouterr().out
+    assert "layers in int8, products and the rest in bfloat16)" in capsys.readouterr().out
     fp32 = prepare_for_decoding(load_pretrained(str(bf16_folder[1])).eval(), "int8")
     bf16 = prepare_for_decoding(load_pretrained(str(bf16_folder[1]), torch.bfloat16).eval(), "int8")
     assert all(torch.equal(a, b) for a, b in zip(fp32.buffers(), bf16.buffers()))

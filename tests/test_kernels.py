@@ -48,3 +48,53 @@ def test_fp32_kernels_keep_no_fp32_copy_of_a_weight_and_leave_trained_weights_to
         with torch.no_grad():  # no gradient to make (classify of a fully fine-tuned model held in bf16): taken
             F.linear(torch.randn(4, 32), trained)
     assert len(taken) == 1 and taken[0] is trained
+
+
+def plain_rms_norm(x, weight, eps):
+    x_float = x.float()
+    return (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def saved_bytes(fn, *inputs):
+    """The bytes autograd keeps for the backward pass of fn(*inputs), each tensor counted once."""
+    saved = {}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.data_ptr(), t.nbytes) and t,
+                                                  lambda t: t):
+        fn(*inputs)
+    return sum(saved.values())
+
+
+def values_and_grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*inputs)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype))
+    return [out] + [t.grad for t in inputs if t.requires_grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_rms_norm_gives_autograds_values_and_gradients_keeping_only_its_input(dtype, weight_trains):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 64) * 3).to(dtype).requires_grad_()
+    weight = (1 + torch.randn(64) / 10).to(dtype).requires_grad_(weight_trains)
+    ours = values_and_grads(lambda a, w: kernels.rms_norm(a, w, 1e-5), x, weight)
+    plain = values_and_grads(lambda a, w: plain_rms_norm(a, w, 1e-5), x, weight)
+    assert torch.equal(ours[0], plain[0])
+    for a, b in zip(ours[1:], plain[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1.6e-2, atol=1e-6)
+    kept = x.nbytes + weight.nbytes + 3 * 5 * 4  # and one float32 per row
+    assert saved_bytes(lambda: kernels.rms_norm(x, weight, 1e-5)) == kept
+    # autograd keeps a float32 copy of a bf16 input, and the normalised rows where the weight trains
+    extra = x.numel() * 2 * (dtype == torch.bfloat16) + x.numel() * x.element_size() * weight_trains
+    assert saved_bytes(lambda: plain_rms_norm(x, weight, 1e-5)) == kept + extra
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gives_autograds_values_and_gradients_to_the_bit_keeping_only_its_inputs(dtype):
+    torch.manual_seed(0)
+    gate, up = (torch.randn(2, 7, 96).to(dtype).requires_grad_() for _ in range(2))
+    ours = values_and_grads(kernels.swiglu, gate, up)
+    plain = values_and_grads(lambda g, u: F.silu(g) * u, gate, up)
+    assert all(torch.equal(a, b) for a, b in zip(ours, plain))
+    assert saved_bytes(lambda: kernels.swiglu(gate, up)) == gate.nbytes + up.nbytes
+    assert saved_bytes(lambda: F.silu(gate) * up) == 3 * gate.nbytes
