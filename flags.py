@@ -263,8 +263,11 @@ def get_args(argv: Optional[list[str]] = None) -> Settings:
         files = RunFiles.beside(in_run_dir(args.filepath or f"{name}-{args.option}-{args.lr}.pt"))
         lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets, args.quantize) \
             if args.option == "lora" else None
-        # above a quantized base each micro-batch dequantizes every matrix twice: the whole batch at once is faster
-        micro_batch_size = args.micro_batch_size or (args.batch_size if lora and lora.quantize else None)
+        # The one place the micro-batch default is decided. None: a CPU cuts each step by its padding
+        # (data.micro_batches), since its compute grows with the padded tokens. A GPU is fastest on the whole batch,
+        # and so is a quantized base, where each micro-batch dequantizes every matrix twice.
+        whole_batch = args.use_gpu or bool(lora and lora.quantize)
+        micro_batch_size = args.micro_batch_size or (data.batch_size if whole_batch else None)
         training = TrainingSettings(args.option, args.epochs, args.lr, args.hidden_dropout_prob, lora, files,
                                     args.resume, args.overwrite, micro_batch_size, args.gradient_checkpointing,
                                     args.fsdp, args.task, args.lr_scheduler, args.warmup_steps, args.weight_decay,

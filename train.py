@@ -201,11 +201,9 @@ def accumulate_gradients(model: torch.nn.Module, split: Split, indices: list[int
                          scaler: Optional[torch.amp.GradScaler] = None) -> float:
     """Add to the gradients those of scale * sum(weight * loss) over one step's examples (split's at indices; a
     language model's loss of an example is the sum over its trained tokens), computed in micro-batches of similar
-    lengths of at most micro_batch examples; returns sum(weight * loss). By default (None) a CPU cuts the step by
-    its padding (data.micro_batches), since its compute grows with the padded tokens, and a GPU, fastest on the
-    whole batch, does not cut it. Under DDP the processes average the gradients once, after the last one."""
-    if micro_batch is None and runtime.device.type != "cpu":
-        micro_batch = len(indices)
+    lengths of at most micro_batch examples (None: as few as keep the padding small, data.micro_batches; flags.py
+    decides the default); returns sum(weight * loss). Under DDP the processes average the gradients once, after the
+    last one."""
     lengths = [len(split.token_ids[i]) for i in indices]
     parts = micro_batches(lengths, micro_batch)
     if runtime.shard:  # every process runs as many passes as the others: each gathers weights from all of them

@@ -329,12 +329,21 @@ def test_flags_take_hyphens_and_underscores_alike():
 
 
 def test_a_quantized_base_trains_each_step_whole_unless_told():
-    """Each micro-batch dequantizes every matrix twice: above a quantized base a CPU step is not cut by length."""
+    """Each micro-batch dequantizes every matrix twice: above a quantized base a CPU step is not cut by length,
+    whether --batch_size is given or left at its default."""
     common = ["--option", "lora", "--train", "a.txt", "--dev", "d.txt", "--test", "t.txt", "--label-names", "l.json",
               "--batch_size", "6"]
     assert flags.get_args(common).training.micro_batch_size is None
     assert flags.get_args(common + ["--quantize", "nf4"]).training.micro_batch_size == 6
     assert flags.get_args(common + ["--quantize", "int8", "--micro_batch_size", "2"]).training.micro_batch_size == 2
+    assert flags.get_args(common[:-2] + ["--quantize", "nf4"]).training.micro_batch_size == 8  # the default batch
+
+
+def test_a_gpu_trains_each_step_whole_unless_told():
+    common = ["--option", "finetune", "--train", "a.txt", "--dev", "d.txt", "--test", "t.txt", "--label-names",
+              "l.json", "--use_gpu"]
+    assert flags.get_args(common).training.micro_batch_size == 8
+    assert flags.get_args(common + ["--micro_batch_size", "2"]).training.micro_batch_size == 2
 
 
 def test_a_single_temperature_honours_the_output_flags(tmp_path):
