@@ -99,8 +99,10 @@ def generate(settings: Settings, runtime: Runtime) -> None:
         print(sentence)
         print("---------------")
         if n_decoded:
+            rate = n_decoded / seconds
+            digits = 2 if rate < 10 else 1  # a big model's few tokens a second need their second decimal
             print(f"decode: {n_new} new tokens; after the prompt's forward pass, which makes the first, {n_decoded} "
-                  f"decoding steps in {seconds:.2f} s, {n_decoded / seconds:.1f} tok/s")
+                  f"decoding steps in {seconds:.2f} s, {rate:.{digits}f} tok/s")
         write_text_atomic(run.output, sentence)
         print(f"Wrote generated sentence to {run.output}.")
 

@@ -90,6 +90,14 @@ def test_quantized_generation_writes_its_story_and_every_run_reports_its_decodin
         assert (tmp_path / f"{quantize}.txt").read_text()[:60] == (tmp_path / "generated-sentence-temp-0.txt").read_text()[:60]
 
 
+def test_a_slow_decode_reports_its_speed_to_two_decimals(tmp_path, monkeypatch, capsys):
+    def slow(llama, idx, max_new_tokens, *args, **kwargs):  # 16 steps in 8.8 s: a 7B model on a CPU
+        return torch.cat([idx, idx[:, :1].repeat(1, 17)], dim=1), 16, 8.8, False
+    monkeypatch.setattr(run_llama, "timed_generation", slow)
+    run(["--option", "generate", *model_flags(), "--temperature", "0", "--max_new_tokens", "17"], tmp_path)
+    assert "16 decoding steps in 8.80 s, 1.82 tok/s" in capsys.readouterr().out
+
+
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_and_still_generates(tmp_path, monkeypatch, capsys):
     import runtime
 
