@@ -168,7 +168,8 @@ class Bf16Linear(nn.Module):
         return [getattr(self, f"part{i}") for i in range(self.n_parts)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [F.linear(x.to(torch.bfloat16), part) for part in self.parts]
+        x = x.to(torch.bfloat16)
+        outs = [F.linear(x, part) for part in self.parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # bf16: the step converts where it must
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
