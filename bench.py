@@ -7,7 +7,7 @@
   .venv/bin/python bench.py --decode --llama2c ../shared/llama2c        # the decoding rows alone (minutes)
   .venv/bin/python bench.py --training                                  # the training step rows alone
   .venv/bin/python bench.py --big       # 1.1B parameters (TinyLlama's shape): generate and LoRA vs transformers/PEFT
-  .venv/bin/python bench.py --fsdp      # 348M parameters, full fine-tuning by 2 processes: DDP's memory and FSDP's
+  .venv/bin/python bench.py --fsdp      # 348M parameters, full fine-tuning by 1 and 2 processes: DDP's memory, FSDP's
 
 Prints one table: greedy decode (fp32, int8 and fp16, each side at its best thread count up to --threads) and what a
 decoding step spends besides its products, prefill throughput, decoding memory, full fine-tuning and LoRA step time
@@ -284,6 +284,10 @@ def check_flags(args: argparse.Namespace) -> None:
     require_positive({"--threads": args.threads, "--repeats": args.repeats, "--sst-epoch": args.sst_epoch,
                       "--micro-batch-size": args.micro_batch_size})
     require_extra("transformers", "bench.py's comparisons")
+    allowed = ("348m", "1b") if args.fsdp else ("1b", "7b") if args.big else ()
+    if args.shape and args.shape not in allowed:
+        raise UsageError(f"--shape {args.shape}: {'--fsdp takes 348m or 1b' if args.fsdp else '--big takes 1b or 7b'}"
+                         if allowed else "--shape: it shapes the model of --big or --fsdp; pass one of them")
     if args.big:
         require_positive({"--big-tokens": args.big_tokens})
         require_file("--big's tokenizer", "tokenizer.model", "run ./setup.sh (the 1.1B folder takes Llama 2's)")
@@ -326,8 +330,9 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="only real model sizes: bench_big.py's rows (see there)")
     parser.add_argument("--fsdp", action="store_true",
                         help="only the memory of full fine-tuning by 2 processes, replicated and sharded (bench_big.py)")
-    parser.add_argument("--shape", choices=("1b", "7b"), default="1b",
-                        help="--big: the random model's shape, TinyLlama-1.1B's or Llama-2-7B's (13.5 GB in bf16)")
+    parser.add_argument("--shape", choices=("348m", "1b", "7b"), default=None,
+                        help="the random model's shape: --big's TinyLlama-1.1B (the default) or Llama-2-7B (13.5 GB in "
+                             "bf16); --fsdp's 348M (the default) or 1.1B")
     parser.add_argument("--big-dir", default=None, help="--big: keep the model folder here, and reuse it next time")
     parser.add_argument("--big-tokens", type=int, default=32, help="--big: new tokens a generate row decodes")
     parser.add_argument("--big-sentences", type=int, default=8,
@@ -340,10 +345,10 @@ def main() -> None:
     set_threads(args.threads)
     if args.fsdp:
         require_extra("transformers", "--fsdp (it saves the random model)")
-        bench_fsdp(8)
+        bench_fsdp(8, args.shape or "348m")
         return
     if args.big:
-        bench_big(args.big_dir, args.big_tokens, args.big_sentences, args.threads, args.shape)
+        bench_big(args.big_dir, args.big_tokens, args.big_sentences, args.threads, args.shape or "1b")
         return
     if args.child:
         spec = json.loads(args.child)

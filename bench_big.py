@@ -6,9 +6,10 @@ beside PEFT's on a bf16 base, for classification and for the language model (SFT
 prompts the loss masks). Each row gives tokens per second (or seconds) and peak memory, and the decoding rows the
 bytes of weights a token reads times tokens per second beside the machine's read bandwidth (one large sum).
 
-bench.py --fsdp: full fine-tuning of a random 348M-parameter model (hidden 1024, 22 layers, fp32) by 2 processes
-under torchrun, replicated (DistributedDataParallel) and sharded (--fsdp): what each process keeps for weights,
-gradients and AdamW moments, and each process's peak resident memory.
+bench.py --fsdp: full fine-tuning of a random 348M-parameter model (hidden 1024, 22 layers, fp32; --shape 1b: the
+1.1B one) by one process, and by 2 processes under torchrun, replicated (DistributedDataParallel, 348M only) and
+sharded (--fsdp): what each process keeps for weights, gradients and AdamW moments, and each process's peak resident
+memory.
 """
 import itertools
 import json
@@ -249,21 +250,27 @@ def lora_rows(folder: str, sentences: int, threads: int) -> Iterator[str]:
         yield f"| {task}, {sentences} sentences + as many dev: {name} | epoch {epoch} s | {peak:.2f} GB | | |"
 
 
-def bench_fsdp(sentences: int) -> None:
-    """One epoch of full fine-tuning by 2 processes (one thread each), replicated and sharded, one after the other."""
+def bench_fsdp(sentences: int, shape: str) -> None:
+    """One epoch of full fine-tuning, one run after the other: by one process (2 threads), and by 2 processes (one
+    thread each) replicated (at 348M only: two replicas of 1.1B do not fit 24 GB) and sharded."""
     folder = tempfile.mkdtemp(prefix="minllama2-fsdp-")
     try:
-        make_folder(folder, FSDP_SHAPE, torch.float32)
+        model_shape = FSDP_SHAPE if shape == "348m" else SHAPES[shape]
+        make_folder(folder, model_shape, torch.float32)
         data = sst_head(folder, sentences)
-        params = layer_weights(FSDP_SHAPE) + 2 * FSDP_SHAPE["vocab_size"] * FSDP_SHAPE["hidden_size"]  # untied
-        print(f"| 2 processes, full fine-tuning of {params / 1e6:.0f}M parameters (fp32) | kept per "
-              f"process: weights + gradients + AdamW moments | peak resident memory per process | epoch |\n"
-              f"| --- | ---: | ---: | ---: |", flush=True)
-        for name, extra in (("DistributedDataParallel", []), ("--fsdp", ["--fsdp"])):
-            out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                       "run_llama.py", "--option", "finetune", "--pretrained-model-path", folder, "--train",
+        params = layer_weights(model_shape) + 2 * model_shape["vocab_size"] * model_shape["hidden_size"]  # untied
+        print(f"| full fine-tuning of {params / 1e6:.0f}M parameters (fp32) | kept per process: weights + gradients "
+              f"+ AdamW moments | peak resident memory per process | epoch |\n| --- | ---: | ---: | ---: |", flush=True)
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        runs = {"one process": ([sys.executable], ["--batch_size", "4"]),
+                "2 processes, DistributedDataParallel": (torchrun, ["--batch_size", "2"]),
+                "2 processes, --fsdp": (torchrun, ["--batch_size", "2", "--fsdp"])}
+        if shape != "348m":
+            del runs["2 processes, DistributedDataParallel"]
+        for name, (launch, extra) in runs.items():
+            out = run([*launch, "run_llama.py", "--option", "finetune", "--pretrained-model-path", folder, "--train",
                        data["train"], "--dev", data["dev"], "--test", data["dev"], "--label-names",
-                       "data/sst-label-mapping.json", "--epochs", "1", "--batch_size", "2", "--lr", "1e-5",
+                       "data/sst-label-mapping.json", "--epochs", "1", "--lr", "1e-5",
                        "--filepath", os.path.join(folder, "model.pt"), "--overwrite", *extra])
             kept = re.findall(r"process \d ([\d.]+) \+ ([\d.]+) \+ ([\d.]+) = ([\d.]+) MB", out)
             peaks = re.findall(r"peak memory ([\d., ]+) GB", out)[-1]

@@ -6,14 +6,11 @@ another run's.
 Both files hold tensors and plain values only and load with weights_only=True: no code runs from a file.
 """
 import dataclasses
-import glob
 import hashlib
 import json
 import os
 import random
 import shlex
-import shutil
-import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -23,10 +20,11 @@ from torch import nn
 
 from causal_lm import build_language_model
 from classifier import build_classifier
-from llama import Llama, load_pretrained, stored_weights
+from llama import Llama, check_finite, load_pretrained, read_checkpoint, stored_weights
 from lmdata import ALPACA_TEMPLATE
 from lora import ALL_TARGETS, dequantize_base, merge_lora
 from runtime import DTYPES, Runtime
+from sharded import check_shards, fill_shards, is_sharded, load_shards, save_shards
 from settings import CHECKPOINT_FORMAT, DEFAULT_MODEL, STATE_FORMAT, LoRASettings, Settings
 from tokenizer import Tokenizer
 from utils import UsageError, file_sha256, load_tensors, require_file, save_atomic, state_file_message, write_text_atomic
@@ -125,6 +123,8 @@ def read_saved(path: str, flag: str, expected_format: str) -> dict:
         if damaged:
             raise UsageError(f"{flag} {path}: damaged ({', '.join(damaged)} missing or of the wrong type); "
                              f"delete it and train again")
+        if "shards" in saved:  # a sharded run's: its tensors' values are in that folder
+            check_shards(path, saved, flag)
         return saved
     if isinstance(saved, dict) and "trainable" in saved and found is None:
         raise UsageError(f"{flag} {path}: written by an earlier minLlama2 that did not record the base model, "
@@ -133,22 +133,22 @@ def read_saved(path: str, flag: str, expected_format: str) -> dict:
     raise UsageError(f"{flag} {path}: not {what[expected_format]} written by run_llama.py; pass the right file")
 
 
-def load_trainable(model: nn.Module, tensors: Any, path: str) -> None:
+def load_trainable(model: nn.Module, tensors: Any, path: str, saved: Optional[dict] = None) -> None:
     """Load a checkpoint's trainable tensors, which must be exactly the model's trainable parameters: a key
-    mismatch must not leave weights untrained without a word."""
+    mismatch must not leave weights untrained without a word. saved: the file's whole record; where it names shards
+    (a sharded run wrote it, its tensors on the meta device), a sharded model reads its own shards from them and
+    another the whole tensors."""
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if not isinstance(tensors, dict) or set(tensors) != expected:
         found = set(tensors) if isinstance(tensors, dict) else set()
         odd = sorted(found ^ expected)[:3]
         raise UsageError(f"{path}: its tensors are not this model's trainable parameters (differing: {odd}); "
                          f"was it written with other flags or another base model?")
+    if saved and "shards" in saved:
+        return load_shards(path, saved, {"model": {name: p.detach() for name, p in model.named_parameters()
+                                                    if name in expected}}, "--filepath")
     try:
-        if is_sharded(model):  # every process read the whole tensors; each keeps its shard
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
-        else:
-            model.load_state_dict(tensors, strict=False)
+        model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:
         raise UsageError(f"{path}: its tensors do not fit this model ({str(e).splitlines()[-1].strip()})") from e
 
@@ -184,19 +184,34 @@ def base_fingerprint(model_path: str) -> str:
 
 
 def load_base_model(model_path: str, tokenizer_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                    quantize: Optional[str] = None) -> tuple[Llama, Tokenizer]:
+                    quantize: Optional[str] = None, on_meta: bool = False) -> tuple[Llama, Tokenizer]:
     """A llama2.c model or Hugging Face folder, its weights held in dtype (its layers' matrices in quantize, if
-    given), and its tokenizer, checked to share one vocabulary."""
+    given), and its tokenizer, checked to share one vocabulary. on_meta: the model is checked against the file but
+    left on the meta device, for read_base_shards once it is sharded."""
     if model_path == DEFAULT_MODEL and not os.path.exists(model_path):
         raise UsageError(f"--pretrained-model-path {DEFAULT_MODEL}: no such file; run ./setup.sh to download it, or "
                          f"use the tiny model: --pretrained-model-path stories260K.pt --tokenizer tok512.model")
-    llama = load_pretrained(model_path, dtype, quantize)
+    llama = load_pretrained(model_path, dtype, quantize, on_meta)
     tokenizer = Tokenizer(tokenizer_path)
     tokenizer.check_vocab(llama.config.vocab_size, model_path)
     held = str(dtype).removeprefix("torch.")
-    print(f"loaded {model_path} ({llama.num_parameters() / 1e6:.2f}M parameters, "
-          f"{f'layers in {quantize}, products and the rest in {held}' if quantize else held}) on {device}")
-    return llama.to(device), tokenizer
+    print(f"{'checked' if on_meta else 'loaded'} {model_path} ({llama.num_parameters() / 1e6:.2f}M parameters, "
+          f"{f'layers in {quantize}, products and the rest in {held}' if quantize else held})"
+          f"{'; each process reads its own rows of it once it is sharded, on' if on_meta else ' on'} {device}")
+    return (llama if on_meta else llama.to(device)), tokenizer
+
+
+def read_base_shards(llama: Llama, model_path: str) -> None:
+    """Each process's own rows of the base model's weights, read from the file into a llama that load_base_model
+    left on the meta device and FSDP has sharded (runtime.Runtime.parallel)."""
+    weights = read_checkpoint(model_path)[1]
+
+    def read_rows(name: str, start: int, stop: int) -> torch.Tensor:
+        rows = weights.rows(name, start, stop)
+        check_finite(model_path, name, rows)
+        return rows
+
+    fill_shards(llama, read_rows)
 
 
 def load_trained(path: str, saved: dict, model_path: Optional[str], tokenizer_path: Optional[str],
@@ -219,7 +234,7 @@ def load_trained(path: str, saved: dict, model_path: Optional[str], tokenizer_pa
     llama, tokenizer = load_base_model(base, tokenizer_path, device, dtype, quantize)
     model = build_model(llama, saved["task"], saved["label_names"], saved["hidden_dropout_prob"], lora,
                         head_bias="classifier_head.bias" in saved["trainable"])
-    load_trainable(model, saved["trainable"], path)
+    load_trainable(model, saved["trainable"], path, saved)
     merge_lora(model)
     if quantize:  # the weights it trained above, as plain ones: what decoding and an export read
         dequantize_base(model, dtype)
@@ -326,33 +341,26 @@ def check_run_files(settings: Settings, record: dict) -> Optional[dict]:
     return state
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether FSDP sharded the model: its parameters are then DTensors. PyTorch's distributed tensors, and the
-    distributed checkpoint's functions that stand on them, are imported only where FSDP has imported them: they add
-    40 MB to a process."""
-    if "torch.distributed.tensor" not in sys.modules:
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds: the whole model for full fine-tuning, adapters + head for LoRA. Of a sharded model,
-    every process must ask (the shards are gathered) and rank 0 gets the whole tensors, in CPU memory."""
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {name: whole[name] for name in names if name in whole}
+    """What a checkpoint holds: the whole model for full fine-tuning, adapters + head for LoRA."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(tensors: dict[str, torch.Tensor], described: dict, history: list[dict],
-                    best_epoch: Optional[int], path: str) -> None:
-    """The trained model (its trainable tensors) after best_epoch (None: untrained, when no epoch ran)."""
-    save_atomic({**described, "history": list(history), "best_epoch": best_epoch, "trainable": tensors}, path)
+def save_checkpoint(model: nn.Module, described: dict, history: list[dict], best_epoch: Optional[int],
+                    path: str) -> None:
+    """The trained model (its trainable tensors) after best_epoch (None: untrained, when no epoch ran). Of a sharded
+    model, every process writes its shards and the file at path says what they hold (tensors on the meta device: the
+    names, shapes and dtypes); the caller's rank 0 alone writes an unsharded model's."""
+    record = {**described, "history": list(history), "best_epoch": best_epoch}
+    if is_sharded(model):
+        trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        save_shards(path, {**record, "trainable": {name: torch.empty(t.shape, dtype=t.dtype, device="meta")
+                                                   for name, t in trained.items()}},
+                    {"model": trained}, "untrained" if best_epoch is None else str(best_epoch))
+        if torch.distributed.get_rank() != 0:
+            return
+    else:
+        save_atomic({**record, "trainable": trainable_state(model)}, path)
     if best_epoch is None:
         what = f"the untrained {'model' if described.get('task') == 'lm' else 'classifier'} (no epoch ran)"
     elif "--dev" in described["training"]:
@@ -360,60 +368,6 @@ def save_checkpoint(tensors: dict[str, torch.Tensor], described: dict, history: 
     else:
         what = f"the model of epoch {best_epoch} (no --dev to choose by)"
     print(f"saved {what} to {path}")
-
-
-def save_sharded_state(path: str, record: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       runtime: Runtime) -> None:
-    """A sharded model's training state: every process writes its shards of the weights and AdamW moments
-    (torch.distributed.checkpoint) into <path>.shards-<epoch>, then rank 0 writes the file at path, the record
-    that names them, and removes the shards of earlier epochs. The file is replaced last and atomically, so a
-    crash at any moment leaves the previous state whole. A state can be read back by any number of processes."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    shards = f"{path}.shards-{record['epoch']}"
-    if runtime.is_main and os.path.exists(shards):
-        shutil.rmtree(shards)  # an attempt that a crash cut short
-    runtime.barrier()
-    weights, moments = get_state_dict(model, optimizer)
-    try:
-        dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=shards)
-    except CheckpointException as e:  # every process gets it, once every process has stopped writing
-        if runtime.is_main:
-            shutil.rmtree(shards, ignore_errors=True)
-        raise UsageError(f"could not write {shards}: {_first_os_error(e)}; free some space or pick another "
-                         f"--filepath (the previous state, if any, is unchanged)") from None
-    runtime.barrier()
-    if runtime.is_main:
-        save_atomic({**record, "trainable": {}, "optimizer": {}, "shards": os.path.basename(shards)}, path)
-        for old in glob.glob(glob.escape(path) + ".shards-*"):
-            if old != shards:
-                shutil.rmtree(old)
-
-
-def _first_os_error(failure: BaseException) -> str:
-    """What went wrong in a failed distributed save, in a few words: the first OSError among the processes'."""
-    for error, _ in failure.failures.values():
-        while error is not None and not isinstance(error, OSError):
-            error = error.__cause__ or error.__context__
-        if error is not None:
-            return error.strerror or str(error)
-    return str(next(iter(failure.failures.values()))[0])
-
-
-def load_sharded_state(path: str, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load what save_sharded_state wrote into a model sharded across this run's processes."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    shards = os.path.join(os.path.dirname(os.path.abspath(path)), state["shards"])
-    if not os.path.isdir(shards):
-        raise UsageError(f"--resume {path}: its shards {shards} are missing; delete {path} and train again")
-    weights, moments = get_state_dict(model, optimizer)
-    loaded = {"model": weights, "optimizer": moments}
-    dcp.load(loaded, checkpoint_id=shards)
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -119,4 +119,5 @@ def build_classifier(llama: Llama, n_labels: int, hidden_dropout_prob: float,
     model = LlamaEmbeddingClassifier(llama, n_labels, hidden_dropout_prob, head_bias)
     if lora:
         train_adapters(model, model.llama, lora, also_trained="classifier_head.")
-    return model.to(llama.norm.weight.device)
+    device = llama.norm.weight.device
+    return model if device.type == "meta" else model.to(device)  # a base on the meta device waits for its shards

@@ -67,12 +67,12 @@ def from_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _heads(name: str, tensor: torch.Tensor, config: LlamaConfig) -> Optional[int]:
-    """The heads whose rows a tensor holds if they are rotated (wq, wk), else None; None too for a tensor of the
-    wrong shape, which the shape check of llama.load_pretrained then names."""
+def _heads(name: str, shape: torch.Size, config: LlamaConfig) -> Optional[int]:
+    """The heads whose rows a tensor of that shape holds if they are rotated (wq, wk), else None; None too for a
+    tensor of the wrong shape, which the shape check of llama.load_pretrained then names."""
     heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}.get(
         name.split(".", 2)[-1] if name.startswith("layers.") else "")
-    return heads if heads and tensor.shape == (heads * config.head_dim, config.dim) else None
+    return heads if heads and tuple(shape) == (heads * config.head_dim, config.dim) else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,11 +254,33 @@ class SafetensorsWeights(Mapping):
                     self.where[name] = self.where[other]
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self.shape(name)
+        if not shape:  # a scalar, which the shape check of llama.load_pretrained then names
+            path, key = self.where[name]
+            with _readable(path):
+                return mapped_tensor(path, *self.layout[path, key])
+        return self.rows(name, 0, shape[0])
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self.layout[self.where[name]][1])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a tensor, reading only those: of wq and wk, whose rows the file holds in another order
+        within each head, the heads that hold them."""
         path, key = self.where[name]
+        dtype, shape, offset = self.layout[path, key]
+        heads = _heads(name, shape, self.config)
+        per_head = shape[0] // heads if heads else 1
+        first, last = start // per_head * per_head, -(-stop // per_head) * per_head
         with _readable(path):
-            tensor = mapped_tensor(path, *self.layout[path, key])
-        heads = _heads(name, tensor, self.config)
-        return from_rotate_half(tensor, heads) if heads else tensor
+            tensor = mapped_tensor(path, dtype, [last - first, *shape[1:]],
+                                   offset + first * math.prod(shape[1:]) * _ITEM_SIZES[dtype])
+        if heads:
+            tensor = from_rotate_half(tensor, (last - first) // per_head)
+        return tensor[start - first:stop - first]
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor, as Mapping's own would
+        return name in self.where
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)
@@ -322,7 +344,7 @@ def hf_weights(state_dict: dict[str, torch.Tensor], config: LlamaConfig, tied: b
     for name, tensor in state_dict.items():
         if tied and name == "output.weight":
             continue  # transformers ties lm_head to embed_tokens itself
-        heads = _heads(name, tensor, config)
+        heads = _heads(name, tensor.shape, config)
         out[hf_name(name)] = (to_rotate_half(tensor, heads) if heads else tensor).detach().contiguous()
     return out
 

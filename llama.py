@@ -344,11 +344,13 @@ def stored_weights(checkpoint: str) -> Mapping[str, torch.Tensor]:
     return read_llama2c(checkpoint)[1]
 
 
-def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32, quantize: Optional[str] = None) -> Llama:
+def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32, quantize: Optional[str] = None,
+                    on_meta: bool = False) -> Llama:
     """A Llama with the weights of a llama2.c checkpoint (train.py's .pt or the legacy .bin export, read and
     checked by llama2c.py) or of a Hugging Face folder (hf.py), held in dtype. quantize ("nf4" or "int8"): the
-    layers' matrices are held quantized and frozen instead, their products in dtype (quantized.py, for QLoRA). A
-    checkpoint that does not match its own config is a UsageError."""
+    layers' matrices are held quantized and frozen instead, their products in dtype (quantized.py, for QLoRA).
+    on_meta: checked against the file but left on the meta device, for each process of a sharded run to read its
+    own rows into (sharded.py). A checkpoint that does not match its own config is a UsageError."""
     config, weights, tied = read_checkpoint(checkpoint)
     # Built on the meta device: its names are checked against the file before any memory is taken, and the
     # tensors read become the parameters (assign), each converted on its own, so the weights are never held twice.
@@ -365,10 +367,12 @@ def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32, quantiz
     for name, parameter in expected.items():
         if tied and name == "tok_embeddings.weight":
             continue  # the output matrix, tied below
+        if weights.shape(name) != parameter.shape:
+            raise UsageError(f"checkpoint {checkpoint}: tensor {name} has shape {tuple(weights.shape(name))} but its "
+                             f"config give {tuple(parameter.shape)}; the file is inconsistent")
+        if on_meta:
+            continue
         tensor = weights[name]
-        if tensor.shape != parameter.shape:
-            raise UsageError(f"checkpoint {checkpoint}: tensor {name} has shape {tuple(tensor.shape)} but its config "
-                             f"give {tuple(parameter.shape)}; the file is inconsistent")
         layer = name.removesuffix(".weight")
         if quantize and name.startswith("layers.") and isinstance(model.get_submodule(layer), nn.Linear):
             check_finite(checkpoint, name, tensor)
@@ -378,6 +382,10 @@ def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32, quantiz
             continue
         held[name] = tensor.to(dtype)
         check_finite(checkpoint, name, held[name])
+    if on_meta:
+        model = model.to(dtype)
+        model.freqs_cis = model._rope_table(torch.device("cpu"))
+        return model
     model.load_state_dict(held, strict=False, assign=True)  # every name was checked above
     if tied:
         model.tok_embeddings.weight = model.output.weight

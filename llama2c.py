@@ -19,7 +19,19 @@ _LEGACY_HEADER = struct.Struct("7i")  # dim, hidden_dim, n_layers, n_heads, n_kv
 _LARGEST = 1 << 20  # no llama2.c model has a size beyond this; a hostile file could ask for terabytes
 
 
-def read_llama2c(path: str) -> tuple[LlamaConfig, dict[str, torch.Tensor], bool]:
+class StoredTensors(dict):
+    """A file's tensors under our names: a .pt's memory-mapped (a tensor's rows are read only when used), a legacy
+    .bin's read whole. rows() and shape() answer as hf.SafetensorsWeights' do (a sharded model reads its own rows:
+    sharded.py)."""
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self[name][start:stop]
+
+    def shape(self, name: str) -> torch.Size:
+        return self[name].shape
+
+
+def read_llama2c(path: str) -> tuple[LlamaConfig, StoredTensors, bool]:
     """(config, state dict under our parameter names, whether embeddings and output are tied) of a .pt or .bin."""
     require_file("checkpoint", path, "run ./setup.sh to fetch the models, or pass --pretrained-model-path")
     if os.path.getsize(path) == 0:
@@ -59,7 +71,7 @@ def _read_train_checkpoint(path: str) -> tuple[LlamaConfig, dict, bool]:
         raise UsageError(f"checkpoint {path}: expected llama2.c train.py's dict with 'model' and 'model_args', "
                          f"found {keys}")
     config = _config(ckpt["model_args"], path, "the file is corrupt or not a llama2.c checkpoint")
-    state_dict = {_canonical_name(str(k)): v for k, v in ckpt["model"].items()}
+    state_dict = StoredTensors((_canonical_name(str(k)), v) for k, v in ckpt["model"].items())
     if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in state_dict.values()):
         raise UsageError(f"checkpoint {path}: 'model' holds something other than float tensors; fetch it again")
     embeddings, output = state_dict.get("tok_embeddings.weight"), state_dict.get("output.weight")
@@ -92,7 +104,7 @@ def _read_legacy_export(path: str) -> tuple[LlamaConfig, dict, bool]:
         raise UsageError(f"checkpoint {path}: not a complete llama2.c .bin export ({os.path.getsize(path)} bytes "
                          f"where its header implies {expected_size}); fetch it again, or pass a .pt checkpoint")
     data = torch.from_numpy(np.fromfile(path, dtype=np.float32, offset=_LEGACY_HEADER.size))
-    state_dict, offset = {}, 0
+    state_dict, offset = StoredTensors(), 0
     for name, shape in layout:
         n = int(np.prod(shape))
         if not name.startswith("<"):  # the rope tables are recomputed, not loaded

@@ -207,8 +207,9 @@ def train(settings: Settings, runtime: Runtime) -> None:
     lm = training.task == "lm"
     label_names = None if lm else read_label_names(settings.data.label_names)
     held = runtime.weights_dtype if training.lora else torch.float32  # full fine-tuning trains fp32 masters
+    # --fsdp: the base waits on the meta device until it is sharded, then each process reads its own rows (train.py)
     llama, tokenizer = load_base_model(settings.model.model, settings.model.tokenizer, runtime.device, held,
-                                       training.lora and training.lora.quantize)
+                                       training.lora and training.lora.quantize, on_meta=runtime.shard)
     llama.gradient_checkpointing = training.gradient_checkpointing
     model = build_model(llama, training.task, label_names, training.hidden_dropout_prob, training.lora)
     splits = load_lm_splits(settings, tokenizer, llama.config.max_seq_len) if lm else \
@@ -216,11 +217,14 @@ def train(settings: Settings, runtime: Runtime) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters()) + quantized_weights(model)
     print(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    described = describe_run(settings, llama, base_fingerprint(settings.model.model), label_names, runtime)
+    # rank 0 alone reads the whole base once more to fingerprint it
+    fingerprint = runtime.gather(base_fingerprint(settings.model.model) if runtime.is_main else None)[0]
+    described = describe_run(settings, llama, fingerprint, label_names, runtime)
     state = check_run_files(settings, described["training"])
     fit(model, splits[0], splits[1], settings, tokenizer.pad_id, runtime, described, state)
     path = training.files.checkpoint
-    load_trainable(model, read_saved(path, "--filepath", CHECKPOINT_FORMAT)["trainable"], path)
+    saved = read_saved(path, "--filepath", CHECKPOINT_FORMAT)
+    load_trainable(model, saved["trainable"], path, saved)
     merge_lora(model)  # no-op without adapters; with them, inference costs what the base model costs
     print(f"loaded the best-dev checkpoint {path}" if splits[1] else f"loaded the last epoch's checkpoint {path}")
     if not lm:

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from kernels import Bf16ProductsInFp32Kernels, cpu_has_bf16_matmul
+from sharded import shard_model
 from utils import UsageError
 
 
@@ -128,25 +129,13 @@ class Runtime:
 
     def parallel(self, model: nn.Module, blocks: Iterable[nn.Module]) -> nn.Module:
         """What trains the model across the processes: the model itself alone; DistributedDataParallel, which keeps
-        all of it in every process and averages the gradients; or, with shard, the model sharded in place by FSDP2,
-        each of `blocks` (its layers) and the rest on their own, so that a process gathers one block's weights only
-        while it computes that block. Under bf16 or fp16 the shards stay fp32 (the masters, and the gradients'
-        reduction) and the gathered weights are cast for the compute."""
+        all of it in every process and averages the gradients; or, with shard, the model sharded in place by FSDP2
+        (sharded.shard_model), each of `blocks` (its layers) and the rest on their own."""
         if self.world_size == 1:
             return model
         if not self.shard:
             return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        # imported here: PyTorch's distributed tensors, on which FSDP2 stands, add 40 MB to a process
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        with torch.no_grad():  # rank 0's weights everywhere, as DistributedDataParallel starts: the head is drawn
-            for tensor in model.state_dict().values():  # from each process's own seed
-                torch.distributed.broadcast(tensor, src=0)
-        policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
-        for block in blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        return model
+        return shard_model(model, blocks, self.amp_dtype)
 
     def gradient_sync(self, model: nn.Module, last: bool) -> ContextManager:
         """Around one micro-batch's backward pass of what parallel() made: the processes combine the gradients after

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from causal_lm import next_token_targets
-from checkpoint import (STATE_FORMAT, load_sharded_state, load_trainable, rng_state, save_checkpoint,
-                        save_sharded_state, set_rng_state, trainable_state)
+from checkpoint import (STATE_FORMAT, load_trainable, read_base_shards, rng_state, save_checkpoint, set_rng_state,
+                        trainable_state)
 from data import Split, make_batches, micro_batches, pad_batch, shard
 from evaluate import NonFiniteScores, lm_loss, metrics, predict
 from optimizer import AdamW, decay_groups, lr_factor
 from runtime import Interrupted, Runtime
 from settings import Settings
+from sharded import load_sharded_state, save_sharded_state
 from utils import UsageError, atomic_write, return_free_memory, save_atomic, signals_deferred, write_text_atomic
 
 if TYPE_CHECKING:  # matplotlib is optional
@@ -56,6 +57,8 @@ class Training:
         self.model, self.settings, self.described, self.runtime = model, settings, described, runtime
         self.files = settings.training.files
         self.trainer = runtime.parallel(model, model.llama.layers)
+        if runtime.shard:  # its base waited on the meta device (run_llama.train): each process reads its own rows
+            read_base_shards(model.llama, settings.model.model)
         training = settings.training
         self.optimizer = AdamW(decay_groups(model.named_parameters(), training.weight_decay), lr=training.lr)
         steps_per_epoch = -(-n_train // (settings.data.batch_size * runtime.world_size))
@@ -179,7 +182,7 @@ class Training:
                   "history": progress.history, "scaler": self.scaler.state_dict(),
                   "schedule": self.schedule.state_dict(), "rng": rngs}
         if self.runtime.shard:
-            save_sharded_state(self.files.state, record, self.model, self.optimizer, self.runtime)
+            save_sharded_state(self.files.state, record, self.model, self.optimizer)
         elif self.runtime.is_main:
             save_atomic({**record, "trainable": trainable_state(self.model), "optimizer": self.optimizer.state_dict()},
                         self.files.state)
@@ -188,12 +191,9 @@ class Training:
         progress.last_epoch = epoch
 
     def save_checkpoint(self, best_epoch: Optional[int]) -> None:
-        """The checkpoint at --filepath, whole: rank 0 writes it (gathered from every process's shards under
-        --fsdp, which every process takes part in)."""
+        """The checkpoint at --filepath: rank 0 writes it, or under --fsdp every process its shards of it."""
         if self.runtime.shard or self.runtime.is_main:
-            tensors = trainable_state(self.model)
-            if self.runtime.is_main:
-                save_checkpoint(tensors, self.described, self.progress.history, best_epoch, self.files.checkpoint)
+            save_checkpoint(self.model, self.described, self.progress.history, best_epoch, self.files.checkpoint)
 
 
 def accumulate_gradients(model: torch.nn.Module, split: Split, indices: list[int], weights: list[float],

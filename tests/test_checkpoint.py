@@ -6,11 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from checkpoint import (differences, load_trainable, resume_differences, rng_state, save_sharded_state, set_rng_state,
+from checkpoint import (differences, load_trainable, resume_differences, rng_state, set_rng_state,
                         weights_fingerprint)
-from conftest import STORIES260K, asset, file_size_limit
+from conftest import STORIES260K, asset
 from llama import load_pretrained
-from runtime import Runtime
 from test_cli import fails
 from test_export import exported  # noqa: F401 (a fixture)
 from utils import UsageError
@@ -98,20 +97,3 @@ def test_a_damaged_record_is_one_line_naming_the_field_in_classify_and_export(ex
         line = fails([*command, "--filepath", str(tmp_path / "damaged.pt")], tmp_path, capsys)
         assert f"damaged ({field} missing or of the wrong type)" in line, line
     assert sorted(os.listdir(tmp_path)) == ["damaged.pt"]
-
-
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_a_sharded_state_that_cannot_be_written_is_one_line_and_leaves_the_previous_one(tmp_path, monkeypatch):
-    """torch.distributed.checkpoint's save on a full disk: its CheckpointException becomes one line, the partial
-    shards go, and the previous epoch's record and shards stay as they were."""
-    monkeypatch.chdir(tmp_path)
-    model = nn.Linear(64, 64)
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 64)).sum().backward()
-    optimizer.step()
-    runtime = Runtime(torch.device("cpu"))
-    save_sharded_state("model.pt.state", {"epoch": 0}, model, optimizer, runtime)
-    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with file_size_limit(4096), pytest.raises(UsageError, match="could not write model.pt.state.shards-1: File too large"):
-        save_sharded_state("model.pt.state", {"epoch": 1}, model, optimizer, runtime)
-    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

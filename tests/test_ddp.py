@@ -31,6 +31,23 @@ def untied_checkpoint(tmp_path):
     return str(path)
 
 
+def trained_tensors(folder):
+    """The trained tensors of the checkpoint folder/model.pt, whole: a sharded run's are joined from its shards by
+    torch.distributed.checkpoint's own converter, and its file holds only their names and shapes (on the meta
+    device), never the tensors gathered."""
+    saved = torch.load(folder / "model.pt")
+    if "shards" not in saved:
+        return saved["trainable"]
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    assert all(t.is_meta for t in saved["trainable"].values())
+    dcp_to_torch_save(folder / saved["shards"], folder / "joined.pt")
+    joined = torch.load(folder / "joined.pt")["model"]
+    assert {name: (t.shape, t.dtype) for name, t in joined.items()} == {
+        name: (t.shape, t.dtype) for name, t in saved["trainable"].items()}
+    return joined
+
+
 @pytest.mark.parametrize("option", ["finetune", "lora"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, option):
     """37 training examples in global batches of 16 end with a short batch of 5, split 3 + 2: each example must
@@ -63,14 +80,21 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, option):
             assert (tmp_path / name / output).read_bytes() == (tmp_path / "single" / output).read_bytes(), name
         # After 2 epochs of AdamW the weights agree to float rounding; weighting each process's share by its own
         # size instead moves them by about the learning rate (2e-3).
-        trained = torch.load(tmp_path / name / "model.pt")["trainable"]
+        trained = trained_tensors(tmp_path / name)
         assert single.keys() == trained.keys()
         for key in single:
             torch.testing.assert_close(trained[key], single[key], atol=2e-5, rtol=0, msg=f"{name} {key}")
-    if option == "finetune":  # the sharded run's checkpoint is a whole one: classify reads it in one process
+    if option == "finetune":  # one process reads the sharded run's checkpoint whole
         assert run_llama.main(["--option", "classify", "--filepath", str(tmp_path / "fsdp" / "model.pt"), "--input",
                                data[3], "--output", str(tmp_path / "classified.txt")]) == 0
         assert (tmp_path / "classified.txt").read_bytes() == (tmp_path / "fsdp" / "sst-dev-finetuning-output.txt").read_bytes()
+        shards = next((tmp_path / "fsdp").glob("model.pt.shards-*"))
+        shards.rename(tmp_path / "moved")
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "run_llama.py"), "--option", "classify", "--filepath",
+                                 str(tmp_path / "fsdp" / "model.pt"), "--input", data[3]], capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"error: --filepath {tmp_path / 'fsdp' / 'model.pt'}: its shards {shards} are missing; keep that folder "
+            f"beside it, or train again"], result.stderr
         # each process keeps half of what a replica keeps (a row of a shard may be padding)
         kept = {name: [float(x) for x in re.findall(r"= ([\d.]+) MB", logs[name])] for name in ("ddp", "fsdp")}
         assert len(kept["fsdp"]) == 2 and all(f <= 0.55 * d for f, d in zip(kept["fsdp"], kept["ddp"])), kept
@@ -121,8 +145,8 @@ def test_a_sharded_run_resumes_after_sigterm_mid_epoch_with_the_same_or_other_pr
     assert "stopped by SIGTERM; epochs up to 1 are saved in model.pt.state" in stopped.stderr, stopped.stderr[-2000:]
     # no process tore the interpreter down with the process group's threads alive (that aborted one now and then)
     assert "interpreter teardown" not in stopped.stderr and "exitcode: -6" not in stopped.stderr, stopped.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "resumed").glob("model.pt*")) == [
-        "model.pt", "model.pt.state", "model.pt.state.shards-1"]  # epoch 0's shards went once epoch 1's were whole
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("model.pt*")) == [  # epoch 0's shards went once
+        "model.pt", "model.pt.shards-1", "model.pt.state", "model.pt.state.shards-1"]  # epoch 1's were whole
     shutil.copytree(tmp_path / "resumed", tmp_path / "four")
 
     resumed = torchrun("resumed", 2, os.path.join(ROOT, "run_llama.py"), *flags, "--batch_size", "8", "--resume")
@@ -135,6 +159,30 @@ def test_a_sharded_run_resumes_after_sigterm_mid_epoch_with_the_same_or_other_pr
     # the same state resumed by 4 processes with the same global batch: the same steps, summed in another order
     four = torchrun("four", 4, os.path.join(ROOT, "run_llama.py"), *flags, "--batch_size", "4", "--resume")
     assert four.returncode == 0, four.stderr[-2000:]
-    expected = torch.load(tmp_path / "whole" / "model.pt")["trainable"]
-    for key, tensor in torch.load(tmp_path / "four" / "model.pt")["trainable"].items():
+    expected = trained_tensors(tmp_path / "whole")
+    for key, tensor in trained_tensors(tmp_path / "four").items():
         torch.testing.assert_close(tensor, expected[key], atol=2e-5, rtol=0, msg=key)
+
+
+def test_a_sharded_language_model_trains_as_one_process_and_scores_in_one(tmp_path):
+    """--task lm under --fsdp: its base on the meta device until sharded (no head of its own), its checkpoint read
+    whole by --option perplexity."""
+    text = tmp_path / "text.txt"
+    text.write_text("".join(line.split(" ||| ")[-1] for line in open(subset(tmp_path, "train", 60), encoding="utf-8")))
+    common = [os.path.join(ROOT, "run_llama.py"), "--option", "finetune", "--task", "lm", "--pretrained-model-path",
+              asset(STORIES260K), "--tokenizer", asset(TOK512), "--train", str(text), "--dev", str(text), "--epochs",
+              "1", "--lr", "1e-3", "--filepath", "lm.pt"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    scores = {}
+    for name, command in (("single", [sys.executable, *common, "--batch_size", "8"]),
+                          ("fsdp", [*torchrun, *common, "--batch_size", "4", "--fsdp"])):
+        (tmp_path / name).mkdir()
+        result = subprocess.run(command, cwd=tmp_path / name, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        scored = subprocess.run([sys.executable, os.path.join(ROOT, "run_llama.py"), "--option", "perplexity",
+                                 "--filepath", "lm.pt", "--input", str(text)], cwd=tmp_path / name, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert scored.returncode == 0, scored.stderr[-2000:]
+        scores[name] = (re.findall(r"dev loss :: [\d.]+", result.stdout), re.findall(r"perplexity [\d.]+", scored.stdout))
+    assert scores["fsdp"] == scores["single"] and scores["single"][1], scores
