@@ -1,6 +1,6 @@
 """The model laid out for generating text (`--option generate`): Decoder, with fp32 or bf16 weights (a bf16 model's
 own, where the CPU has bf16 products: Bf16Linear), int8 or fp16 ones (`--quantize int8|fp16`), and the timed
-generation that the CLI and bench.py share.
+generation that the CLI and bench/run.py share.
 
 Decoding one token reads every weight matrix once and does two flops per weight, so its speed is the speed of
 reading the weights, plus the cost of every small operation around the products. Decoder keeps both low:

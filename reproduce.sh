@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the commands behind results/ (the lines of commands.txt that write there), from the repo root.
 #
-#   ./reproduce.sh           every such line, in order: results/ is regenerated (hours on 2 cores: parity.py)
+#   ./reproduce.sh           every such line, in order: results/ is regenerated (hours on 2 cores: bench/parity.py)
 #   ./reproduce.sh --check   the cheap lines (generate and prompt on stories260K) into a scratch folder, then a
 #                            byte-for-byte comparison of what they write with the committed files (a few minutes)
 #

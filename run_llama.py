@@ -1,4 +1,5 @@
-"""minLlama2's one entry point: flags (flags.py) -> typed settings -> one function per option -> exit status.
+"""minLlama2's one entry point: flags (flags.py) -> typed settings (flag_settings.py) -> one function per option -> exit
+status.
 
 Bad input ends with one line on stderr and exit status 2 (utils.UsageError); Ctrl-C or SIGTERM end with one line
 saying what was saved, and status 130 or 143. `python run_llama.py --help` lists the options and every flag.
@@ -38,7 +39,7 @@ from decoding import complete_batch, prepare_for_decoding, timed_generation, wei
 from evaluate import lm_loss, predict, print_metrics, report, write_predictions
 from lmdata import ALPACA_TEMPLATE, read_prompts, read_text
 from export import run_export
-from flags import get_args
+from flag_settings import get_args
 from lora import merge_lora
 from quantized import quantized_weights
 from runtime import DTYPES, Interrupted, Runtime, seed_everything, signals_interrupt, start_runtime

@@ -201,7 +201,7 @@ def accumulate_gradients(model: torch.nn.Module, split: Split, indices: list[int
                          scaler: Optional[torch.amp.GradScaler] = None) -> float:
     """Add to the gradients those of scale * sum(weight * loss) over one step's examples (split's at indices; a
     language model's loss of an example is the sum over its trained tokens), computed in micro-batches of similar
-    lengths of at most micro_batch examples (None: as few as keep the padding small, data.micro_batches; flags.py
+    lengths of at most micro_batch examples (None: as few as keep the padding small, data.micro_batches; flag_settings.py
     decides the default); returns sum(weight * loss). Under DDP the processes average the gradients once, after the
     last one."""
     lengths = [len(split.token_ids[i]) for i in indices]

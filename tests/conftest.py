@@ -78,7 +78,7 @@ def save_tokenizer_json(model: str, folder, single: Optional[str]) -> str:
 
 
 def one_line_error(main, argv: list[str], monkeypatch, capsys) -> str:
-    """Runs a script's main (bench.py's, parity.py's) on bad input, as `python script.py argv` from the repo root
+    """Runs a script's main (bench/run.py's, bench/parity.py's) on bad input, as `python script.py argv` from the repo root
     would: it must end with status 2 and one line on stderr, having printed no table row (nothing measured); the
     line is returned."""
     from utils import exit_status

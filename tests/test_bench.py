@@ -1,4 +1,4 @@
-"""bench.py --quick runs end to end and prints every row (a smoke run: no speed is asserted); each child process
+"""bench/run.py --quick runs end to end and prints every row (a smoke run: no speed is asserted); each child process
 reports its own peak memory."""
 import argparse
 import os
@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-import bench
+from bench import run as bench
 from conftest import ROOT, asset, one_line_error
 
 
 def test_quick_bench_prints_the_whole_table():
     asset("tokenizer.model")
-    result = subprocess.run([sys.executable, "bench.py", "--quick", "--repeats", "1", "--threads", "1"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--repeats", "1", "--threads", "1"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
@@ -77,7 +77,7 @@ def test_bad_flags_end_in_one_line_before_any_measuring(tmp_path, monkeypatch, c
 def test_the_big_rows_count_the_weights_a_decoding_step_reads(shape, parameters):
     """bench_big's bytes per token: every matrix of the model but the embedding, as our model has them; and the
     shapes are TinyLlama-1.1B's and Llama-2-7B's."""
-    import bench_big
+    from bench import big as bench_big
     from config import LlamaConfig
     from llama import Llama
 

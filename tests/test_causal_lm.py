@@ -12,7 +12,7 @@ from decoding import complete_batch
 from evaluate import lm_loss
 from llama import Llama
 from runtime import Runtime
-from transformers_oracle import to_transformers
+from bench.oracle import to_transformers
 
 CPU = Runtime(torch.device("cpu"))
 

@@ -151,7 +151,7 @@ def test_the_classifier_is_transformers_sequence_classifier_in_loss_and_gradient
     is transformers' `score` (no bias, N(0, 0.02)), which is also what makes an export exact."""
     transformers = pytest.importorskip("transformers")
     from hf import hf_name, to_rotate_half
-    from transformers_oracle import transformers_config, transformers_weights
+    from bench.oracle import transformers_config, transformers_weights
 
     torch.manual_seed(0)
     ours = build_classifier(tiny_model, 3, hidden_dropout_prob=0.0, lora=None).train()

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import flag_settings
 import flags
 import run_llama
 from conftest import ROOT, STORIES260K, TOK512, asset
@@ -316,7 +317,7 @@ def test_classify_refuses_another_base_model_a_missing_one_and_old_checkpoints(t
 
 def test_help_shows_every_default_and_an_example_per_option(capsys):
     with pytest.raises(SystemExit):
-        flags.get_args(["--help"])
+        flag_settings.get_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for words in ("(default: 10)", "(default: 8;", "(default: 1e-05)", "(default: 0.3)", "data/cfimdb-train.txt",
                   "<filepath>.state", "(default: 0.0)", "(default: whole sentences"):
@@ -330,7 +331,7 @@ def test_help_shows_every_default_and_an_example_per_option(capsys):
 
 
 def test_flags_take_hyphens_and_underscores_alike():
-    settings = flags.get_args(["--option", "prompt", "--batch-size", "3", "--label_names", "a.json", "--dev",
+    settings = flag_settings.get_args(["--option", "prompt", "--batch-size", "3", "--label_names", "a.json", "--dev",
                                    "d.txt", "--test", "t.txt", "--max-sentence-len=5"])
     data = settings.data
     assert (data.batch_size, data.label_names, data.max_sentence_len) == (3, "a.json", 5)
@@ -341,17 +342,17 @@ def test_a_quantized_base_trains_each_step_whole_unless_told():
     whether --batch_size is given or left at its default."""
     common = ["--option", "lora", "--train", "a.txt", "--dev", "d.txt", "--test", "t.txt", "--label-names", "l.json",
               "--batch_size", "6"]
-    assert flags.get_args(common).training.micro_batch_size is None
-    assert flags.get_args(common + ["--quantize", "nf4"]).training.micro_batch_size == 6
-    assert flags.get_args(common + ["--quantize", "int8", "--micro_batch_size", "2"]).training.micro_batch_size == 2
-    assert flags.get_args(common[:-2] + ["--quantize", "nf4"]).training.micro_batch_size == 8  # the default batch
+    assert flag_settings.get_args(common).training.micro_batch_size is None
+    assert flag_settings.get_args(common + ["--quantize", "nf4"]).training.micro_batch_size == 6
+    assert flag_settings.get_args(common + ["--quantize", "int8", "--micro_batch_size", "2"]).training.micro_batch_size == 2
+    assert flag_settings.get_args(common[:-2] + ["--quantize", "nf4"]).training.micro_batch_size == 8  # the default batch
 
 
 def test_a_gpu_trains_each_step_whole_unless_told():
     common = ["--option", "finetune", "--train", "a.txt", "--dev", "d.txt", "--test", "t.txt", "--label-names",
               "l.json", "--use_gpu"]
-    assert flags.get_args(common).training.micro_batch_size == 8
-    assert flags.get_args(common + ["--micro_batch_size", "2"]).training.micro_batch_size == 2
+    assert flag_settings.get_args(common).training.micro_batch_size == 8
+    assert flag_settings.get_args(common + ["--micro_batch_size", "2"]).training.micro_batch_size == 2
 
 
 def test_a_single_temperature_honours_the_output_flags(tmp_path):
@@ -511,7 +512,7 @@ def test_a_value_of_the_wrong_type_is_named_in_words(tmp_path, capsys, flag, val
 
 def test_help_opens_with_a_short_usage_and_groups_the_flags_by_what_they_serve(capsys):
     with pytest.raises(SystemExit):
-        flags.get_args(["--help"])
+        flag_settings.get_args(["--help"])
     text = capsys.readouterr().out
     usage = text[:text.index("\n\n")]
     assert usage.startswith("usage: ") and len(usage.splitlines()) <= 2

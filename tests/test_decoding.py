@@ -104,7 +104,7 @@ def test_fp32_products_run_in_numpy_while_pytorch_keeps_one_thread():
 
 @pytest.mark.parametrize("quantize", [None, "int8", "fp16"])
 def test_products_lists_every_weight_product_of_a_step(quantize):
-    """bench.py times a step without its products and the products alone from this list: a product missing from it
+    """bench/run.py times a step without its products and the products alone from this list: a product missing from it
     would be counted as part of the rest, and one listed twice, twice."""
     torch.manual_seed(0)
     prepared = prepare_for_decoding(Llama(tiny_config(), tied_embeddings=True).eval(), quantize)

@@ -15,7 +15,7 @@ from llama import load_pretrained
 from runtime import Runtime
 from test_cli import fails, read_lines, run
 from tokenizer import Tokenizer
-from transformers_oracle import to_transformers
+from bench.oracle import to_transformers
 from utils import UsageError
 
 SST_NAMES = ["awful", "bad", "average", "good", "excellent"]

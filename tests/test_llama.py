@@ -4,7 +4,7 @@ from config import LlamaConfig
 from conftest import STORIES260K, TOK512, asset, tiny_config
 from llama import Llama, load_pretrained, sample_next_token
 from tokenizer import Tokenizer
-from transformers_oracle import to_transformers
+from bench.oracle import to_transformers
 
 STORIES42M_SHAPE = LlamaConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, max_seq_len=1024)
 

@@ -8,7 +8,7 @@ from llama import Llama, load_pretrained
 from lora import (ALL_TARGETS, LoRALinear, inject_lora, is_adapter, lora_layers, lora_state_dict, merge_lora,
                   unmerge_lora)
 from hf import to_rotate_half
-from transformers_oracle import to_transformers
+from bench.oracle import to_transformers
 
 
 def randomize_adapters(model):

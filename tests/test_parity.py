@@ -1,7 +1,7 @@
-"""parity.py's input checks (its runs take minutes a seed: docs/accuracy.md has them)."""
+"""bench/parity.py's input checks (its runs take minutes a seed: docs/accuracy.md has them)."""
 import pytest
 
-import parity
+from bench import parity
 from conftest import STORIES260K, TOK512, asset, one_line_error
 
 

@@ -1,4 +1,4 @@
-"""bench.py's measuring: the timers and memory readings every row uses, the model a run measures, and the
+"""bench/run.py's measuring: the timers and memory readings every row uses, the model a run measures, and the
 decoding rows (each side at its best thread count; what a step spends besides its weight products; llama2.c's
 run.c and runq.c on the same weights)."""
 import argparse
@@ -34,7 +34,7 @@ def median_seconds(fn: Callable[[], object], repeats: int, result: bool = False)
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory. Not ru_maxrss alone on Linux: a child started by fork and exec keeps
-    its parent's peak there, so every child would report bench.py's own."""
+    its parent's peak there, so every child would report bench/run.py's own."""
     if os.path.exists("/proc/self/status"):
         with open("/proc/self/status") as f:
             return int(f.read().split("VmHWM:")[1].split()[0]) / 1024

@@ -1,4 +1,4 @@
-"""Our weights in transformers' Llama: the oracle that the tests and bench.py compare against. transformers is a
+"""Our weights in transformers' Llama: the oracle that the tests and bench/run.py compare against. transformers is a
 test and benchmark extra (./setup.sh --test), never a dependency of the model or the CLI, neither of which
 imports this module. The names and the rotary layout are hf.py's, the ones an export writes."""
 import torch

@@ -1,4 +1,4 @@
-"""bench.py --big: real model sizes. A random model of TinyLlama's shape (1.1B parameters: hidden 2048, 22 layers,
+"""bench/run.py --big: real model sizes. A random model of TinyLlama's shape (1.1B parameters: hidden 2048, 22 layers,
 32 query / 4 key-value heads, feed-forward 5632, vocab 32000, untied), saved by transformers in bf16 into a
 temporary folder (2.2 GB, never kept unless --big-dir names one), then, one process at a time so that each peak
 resident memory is its own: generate with each precision of ours beside transformers' bf16 model, and a LoRA epoch
@@ -6,7 +6,7 @@ beside PEFT's on a bf16 base, for classification and for the language model (SFT
 prompts the loss masks). Each row gives tokens per second (or seconds) and peak memory, and the decoding rows the
 bytes of weights a token reads times tokens per second beside the machine's read bandwidth (one large sum).
 
-bench.py --fsdp: full fine-tuning of a random 348M-parameter model (hidden 1024, 22 layers, fp32; --shape 1b: the
+bench/run.py --fsdp: full fine-tuning of a random 348M-parameter model (hidden 1024, 22 layers, fp32; --shape 1b: the
 1.1B one) by one process, and by 2 processes under torchrun, replicated (DistributedDataParallel, 348M only) and
 sharded (--fsdp): what each process keeps for weights, gradients and AdamW moments, and each process's peak resident
 memory.
@@ -26,7 +26,7 @@ import torch
 
 from kernels import cpu_has_bf16_matmul
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
              pad_token_id=0)

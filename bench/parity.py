@@ -1,9 +1,9 @@
 """Dev accuracy of our fine-tuning against transformers' on the same recipe, over several seeds
 (docs/accuracy.md). Minutes per task on a CPU, so a script rather than a test:
 
-  .venv/bin/python parity.py --task sst2 --seeds 5            # binary SST: 800 train sentences, all of dev
-  .venv/bin/python parity.py --task sst5 --seeds 5 --variants ours,transformers
-  .venv/bin/python parity.py --task cfimdb --seeds 5 --variants ours,transformers
+  .venv/bin/python -m bench.parity --task sst2 --seeds 5            # binary SST: 800 train sentences, all of dev
+  .venv/bin/python -m bench.parity --task sst5 --seeds 5 --variants ours,transformers
+  .venv/bin/python -m bench.parity --task cfimdb --seeds 5 --variants ours,transformers
 
 Every variant starts from the same pretrained weights (stories260K by default) and trains with one loop: the
 step of train.Training for one process (train.accumulate_gradients: mean cross-entropy per batch, one optimizer
@@ -48,7 +48,7 @@ from optimizer import AdamW
 from runtime import Runtime, seed_everything
 from tokenizer import Tokenizer
 from train import accumulate_gradients
-from transformers_oracle import transformers_config, transformers_weights
+from bench.oracle import transformers_config, transformers_weights
 from utils import ArgumentParser, UsageError, exit_status, require_extra, require_file, require_positive
 
 
@@ -183,7 +183,8 @@ def run(variant: str, task: Task, seed: int, args: argparse.Namespace, train: Sp
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.parity", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, default="sst2")
     parser.add_argument("--seeds", type=int, default=5, help="how many seeds: first-seed, first-seed + 1, ...")
     parser.add_argument("--first-seed", type=int, default=1,
@@ -208,7 +209,7 @@ def main() -> None:
         if v not in VARIANTS:
             raise UsageError(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
     if "transformers" in variants:
-        require_extra("transformers", "parity.py's transformers variant")
+        require_extra("transformers", "bench/parity.py's transformers variant")
     task = TASKS[args.task]
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     if not os.path.isdir(args.checkpoint):  # a folder is a Hugging Face model

@@ -1,13 +1,13 @@
 """Side-by-side timings of minLlama2 and transformers (+ PEFT) on the same weights and inputs.
 
-  .venv/bin/python bench.py                 # stories42M's shape, random weights, 2 threads (minutes)
-  .venv/bin/python bench.py --quick         # tiny sizes: a smoke run, the numbers mean nothing
-  .venv/bin/python bench.py --checkpoint stories260K.pt --tokenizer tok512.model
-  .venv/bin/python bench.py --dtype bf16 --llama2c ../shared/llama2c   # bf16 training; llama2.c decode rows
-  .venv/bin/python bench.py --decode --llama2c ../shared/llama2c        # the decoding rows alone (minutes)
-  .venv/bin/python bench.py --training                                  # the training step rows alone
-  .venv/bin/python bench.py --big       # 1.1B parameters (TinyLlama's shape): generate and LoRA vs transformers/PEFT
-  .venv/bin/python bench.py --fsdp      # 348M parameters, full fine-tuning by 1 and 2 processes: DDP's memory, FSDP's
+  .venv/bin/python -m bench                 # stories42M's shape, random weights, 2 threads (minutes)
+  .venv/bin/python -m bench --quick         # tiny sizes: a smoke run, the numbers mean nothing
+  .venv/bin/python -m bench --checkpoint stories260K.pt --tokenizer tok512.model
+  .venv/bin/python -m bench --dtype bf16 --llama2c ../shared/llama2c   # bf16 training; llama2.c decode rows
+  .venv/bin/python -m bench --decode --llama2c ../shared/llama2c        # the decoding rows alone (minutes)
+  .venv/bin/python -m bench --training                                  # the training step rows alone
+  .venv/bin/python -m bench --big       # 1.1B parameters (TinyLlama's shape): generate and LoRA vs transformers/PEFT
+  .venv/bin/python -m bench --fsdp      # 348M parameters, full fine-tuning by 1 and 2 processes: DDP's memory, FSDP's
 
 Prints one table: greedy decode (fp32, int8 and fp16, each side at its best thread count up to --threads) and what a
 decoding step spends besides its products, prefill throughput, decoding memory, full fine-tuning and LoRA step time
@@ -29,8 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench_big import bench_big, bench_fsdp
-from bench_decode import (at, base_model, best_thread_count, decode_child, llama2c_rows, median_seconds, peak_rss_mb,
+from bench.big import ROOT, bench_big, bench_fsdp
+from bench.decode import (at, base_model, best_thread_count, decode_child, llama2c_rows, median_seconds, peak_rss_mb,
                           seconds_once, set_threads)
 from classifier import build_classifier, zero_shot_classifier
 from config import LlamaConfig
@@ -44,8 +44,8 @@ from runtime import DTYPES, Runtime
 from settings import LoRASettings
 from train import accumulate_gradients
 from tokenizer import Tokenizer
-from transformers_oracle import to_transformers, transformers_config, transformers_weights
-from utils import ArgumentParser, UsageError, exit_status, require_extra, require_file, require_positive
+from bench.oracle import to_transformers, transformers_config, transformers_weights
+from utils import ArgumentParser, UsageError, require_extra, require_file, require_positive
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,8 +144,8 @@ def training_step_child(spec: dict, args: argparse.Namespace) -> dict:
 
 def child_result(spec: dict, args: argparse.Namespace) -> dict:
     """Run one measurement in its own process, so that its peak RSS is its own."""
-    child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), *forwarded_flags(args)],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run([sys.executable, "-m", "bench", "--child", json.dumps(spec), *forwarded_flags(args)],
+                           capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
@@ -283,7 +283,7 @@ def check_flags(args: argparse.Namespace) -> None:
     """Everything the chosen rows need, before minutes of measuring: a UsageError names what is missing."""
     require_positive({"--threads": args.threads, "--repeats": args.repeats, "--sst-epoch": args.sst_epoch,
                       "--micro-batch-size": args.micro_batch_size})
-    require_extra("transformers", "bench.py's comparisons")
+    require_extra("transformers", "bench/run.py's comparisons")
     allowed = ("348m", "1b") if args.fsdp else ("1b", "7b") if args.big else ()
     if args.shape and args.shape not in allowed:
         raise UsageError(f"--shape {args.shape}: {'--fsdp takes 348m or 1b' if args.fsdp else '--big takes 1b or 7b'}"
@@ -294,7 +294,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.checkpoint and not os.path.isdir(args.checkpoint):  # a folder is a Hugging Face model
         require_file("--checkpoint", args.checkpoint, "pass a llama2.c .pt or .bin file or a Hugging Face folder")
     if not args.decode:
-        require_extra("peft", "bench.py's LoRA rows (or time --decode alone)")
+        require_extra("peft", "bench/run.py's LoRA rows (or time --decode alone)")
     if not (args.decode or args.training):
         require_file("--tokenizer", args.tokenizer, "run ./setup.sh, or pass the tokenizer of --checkpoint")
         for path in ("data/sst-train.txt", "data/sst-dev.txt", "data/sst-label-mapping.json"):
@@ -308,7 +308,8 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="time a real checkpoint instead of random weights")
     parser.add_argument("--tokenizer", default="tokenizer.model", help="for the SST rows; must match the model")
     parser.add_argument("--threads", type=int, default=2)
@@ -327,9 +328,9 @@ def main() -> None:
                         help="only the SST training epochs (full fine-tuning, LoRA), on the first N training sentences")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="the SST epoch's micro-batches (default: run_llama.py's, cut by padding on a CPU)")
-    parser.add_argument("--big", action="store_true", help="only real model sizes: bench_big.py's rows (see there)")
+    parser.add_argument("--big", action="store_true", help="only real model sizes: big.py's rows (see there)")
     parser.add_argument("--fsdp", action="store_true",
-                        help="only the memory of full fine-tuning by 2 processes, replicated and sharded (bench_big.py)")
+                        help="only the memory of full fine-tuning by 2 processes, replicated and sharded (big.py)")
     parser.add_argument("--shape", choices=("348m", "1b", "7b"), default=None,
                         help="the random model's shape: --big's TinyLlama-1.1B (the default) or Llama-2-7B (13.5 GB in "
                              "bf16); --fsdp's 348M (the default) or 1.1B")
@@ -373,7 +374,3 @@ def main() -> None:
         print(f"| {name} | {ours:,.1f} | {theirs:,.1f} | {ratio:.2f}x | {note} |")
     print("\nThe peer is transformers (+ PEFT for LoRA) unless the measure names another. "
           "ratio > 1 means minLlama2 is better (faster, or less memory).")
-
-
-if __name__ == "__main__":
-    sys.exit(exit_status(main))
