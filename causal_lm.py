@@ -36,8 +36,7 @@ def build_language_model(llama: Llama, lora: Optional[LoRASettings]) -> LlamaLan
     model = LlamaLanguageModel(llama)
     if lora:
         train_adapters(model, llama, lora)
-    device = llama.norm.weight.device
-    return model if device.type == "meta" else model.to(device)  # a base on the meta device waits for its shards
+    return model.to(llama.norm.weight.device)
 
 
 def next_token_targets(token_ids: list[list[int]], trained_from: list[int], seqlen: int) -> torch.Tensor:

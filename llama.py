@@ -187,11 +187,15 @@ class Llama(LlamaPreTrainedModel, Generation):
             self.tok_embeddings.weight = self.output.weight
         self.gradient_checkpointing = False  # trade compute for memory in training (see _layer)
         self.init_weights()
-        self.freqs_cis = self._rope_table()  # (max_seq_len, head_dim // 2) complex64
+        self.freqs_cis = self._rope_table(self.norm.weight.device)  # (max_seq_len, head_dim // 2) complex64
 
-    def _rope_table(self, device: Optional[torch.device] = None) -> torch.Tensor:
+    def _rope_table(self, device: torch.device) -> torch.Tensor:
+        # Never on the meta device: a model built there gets its weights later (load_pretrained, sharded.py), and
+        # the table comes from the config alone.
         config = self.config
-        return precompute_freqs_cis(config.head_dim, config.max_seq_len, config.rope_theta).to(device)
+        with torch.device("cpu"):
+            table = precompute_freqs_cis(config.head_dim, config.max_seq_len, config.rope_theta)
+        return table if device.type == "meta" else table.to(device)
 
     def _apply(self, fn, *args, **kwargs):
         # The rotary table is derived from the config: a plain attribute, not a buffer, because .to(dtype),
@@ -383,13 +387,11 @@ def load_pretrained(checkpoint: str, dtype: torch.dtype = torch.float32, quantiz
         held[name] = tensor.to(dtype)
         check_finite(checkpoint, name, held[name])
     if on_meta:
-        model = model.to(dtype)
-        model.freqs_cis = model._rope_table(torch.device("cpu"))
-        return model
+        return model.to(dtype)
     model.load_state_dict(held, strict=False, assign=True)  # every name was checked above
     if tied:
         model.tok_embeddings.weight = model.output.weight
-    return model.to("cpu")  # rebuilds the rotary table, made on the meta device
+    return model
 
 
 def check_finite(checkpoint: str, name: str, tensor: torch.Tensor) -> None:
