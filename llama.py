@@ -192,9 +192,8 @@ class Llama(LlamaPreTrainedModel, Generation):
     def _rope_table(self, device: torch.device) -> torch.Tensor:
         # Never on the meta device: a model built there gets its weights later (load_pretrained, sharded.py), and
         # the table comes from the config alone.
-        config = self.config
         with torch.device("cpu"):
-            table = precompute_freqs_cis(config.head_dim, config.max_seq_len, config.rope_theta)
+            table = precompute_freqs_cis(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
         return table if device.type == "meta" else table.to(device)
 
     def _apply(self, fn, *args, **kwargs):
