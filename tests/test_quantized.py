@@ -80,6 +80,23 @@ def test_the_product_and_its_input_gradient_are_those_of_the_dequantized_weight(
     assert torch.equal(layer(x), F.linear(x, layer.dequantize(torch.float64)))
 
 
+@pytest.mark.parametrize("kind", [NF4Linear, Int8RowsLinear])
+def test_layers_of_any_size_share_the_products_buffer_and_each_gets_its_own_weight(kind):
+    """Every product dequantizes into one buffer: a larger layer after a smaller one grows it, a smaller one after
+    a larger one reads only its own part, and the backward pass dequantizes again after the other layers' forward."""
+    torch.manual_seed(5)
+    layers = [kind(torch.randn(shape) * 0.02, torch.float32) for shape in [(40, 24), (300, 40), (40, 300), (7, 40)]]
+    x = torch.randn(3, 24, requires_grad=True)
+    plain = x.detach().clone().requires_grad_()
+    y, z = x, plain
+    for layer in layers:
+        y, z = layer(y), F.linear(z, layer.dequantize(torch.float32))
+    y.sum().backward()
+    z.sum().backward()
+    assert torch.equal(y, z) and torch.equal(x.grad, plain.grad)
+    assert layers[0].product_weight().data_ptr() == layers[1].product_weight().data_ptr()
+
+
 def test_the_backward_pass_keeps_no_dequantized_weight():
     """What autograd saves during the forward pass of a quantized model: activations, never a (out, in) matrix."""
     torch.manual_seed(4)
