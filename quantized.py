@@ -133,7 +133,7 @@ class QuantizedLinear(nn.Module):
         """The weight in the products' dtype, in the buffer that every layer's products share: valid until the next
         layer's product asks for its own."""
         key = (self.device, self.dtype)
-        if _PRODUCT_BUFFERS.get(key, torch.empty(0)).numel() < self.stored_weights:
+        if key not in _PRODUCT_BUFFERS or _PRODUCT_BUFFERS[key].numel() < self.stored_weights:
             _PRODUCT_BUFFERS.pop(key, None)  # the smaller one goes before the larger one is made
             _PRODUCT_BUFFERS[key] = torch.empty(self.stored_weights, dtype=self.dtype, device=self.device)
         return self.dequantize(self.dtype, _PRODUCT_BUFFERS[key])
