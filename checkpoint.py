@@ -342,8 +342,18 @@ def check_run_files(settings: Settings, record: dict) -> Optional[dict]:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds: the whole model for full fine-tuning, adapters + head for LoRA."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """What a checkpoint holds: the whole model for full fine-tuning, adapters + head for LoRA. The parameters
+    themselves, not copies (a copy of every weight was 4.4 GB more at the save of a 1.1B full fine-tuning), except
+    those that are views into a larger storage (a mapped file's, a fused matrix's): torch.save writes a view's
+    whole storage."""
+    return {name: own_storage(p.detach()) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor, or a copy of it where its storage holds more than its elements."""
+    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()
 
 
 def save_checkpoint(model: nn.Module, described: dict, history: list[dict], best_epoch: Optional[int],

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from checkpoint import (differences, load_trainable, resume_differences, rng_state, set_rng_state,
-                        weights_fingerprint)
+                        trainable_state, weights_fingerprint)
 from conftest import STORIES260K, asset
 from llama import load_pretrained
 from test_cli import fails
@@ -26,6 +26,19 @@ def test_load_trainable_refuses_any_key_mismatch():
             load_trainable(model, bad, "ckpt.pt")
     with pytest.raises(UsageError, match="do not fit"):
         load_trainable(model, {"1.weight": torch.ones(3, 3), "1.bias": torch.zeros(2)}, "ckpt.pt")
+
+
+def test_the_saved_state_is_the_parameters_themselves_and_a_view_is_saved_alone(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False), nn.Linear(64, 2))
+    model[0].requires_grad_(False)
+    fused = torch.randn(2, 64, 64)  # a view into a larger storage, as a mapped file's or a fused matrix's rows are
+    model[1].weight = nn.Parameter(fused[1])
+    state = trainable_state(model)
+    assert list(state) == ["1.weight", "2.weight", "2.bias"]
+    assert state["2.weight"].data_ptr() == model[2].weight.data_ptr()  # no copy of every weight at each save
+    assert state["1.weight"].data_ptr() != fused.data_ptr() and torch.equal(state["1.weight"], fused[1])
+    torch.save(state, tmp_path / "state.pt")
+    assert os.path.getsize(tmp_path / "state.pt") < fused.numel() * 4  # not the whole storage of the view
 
 
 def test_the_fingerprint_is_of_the_weights_not_the_file():

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import asset
+import optimizer
 from optimizer import SCHEDULES, AdamW, decay_groups, lr_factor
 
 
@@ -53,6 +54,28 @@ def test_matches_torch_adamw_on_a_network_with_frozen_parameters():
             opt.step()
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_update_goes_a_chunk_at_a_time_and_is_the_same_as_all_at_once(monkeypatch):
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 40), torch.nn.Linear(40, 3))
+    whole, chunked = make(), make()
+    chunked.load_state_dict(whole.state_dict())
+    x = torch.randn(5, 8)
+    temporaries = []
+    sqrt = torch._foreach_sqrt
+    monkeypatch.setattr(torch, "_foreach_sqrt", lambda v: temporaries.append(sum(t.numel() for t in v)) or sqrt(v))
+    for net, chunk in ((whole, 10 ** 6), (chunked, 700)):
+        monkeypatch.setattr(optimizer, "UPDATE_CHUNK", chunk)
+        opt = AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    sizes = [p.numel() for p in whole.parameters()]  # 128, 16, 640, 40, 120, 3
+    assert temporaries[:3] == [sum(sizes)] * 3 and temporaries[3:7] == [128 + 16, 640 + 40, 120 + 3, 128 + 16]
+    for a, b in zip(whole.parameters(), chunked.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_without_bias_correction_the_first_step_is_small():
