@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from bench import run as bench
+from bench import int8_kernels, run as bench
+from bench.big import SHAPES
 from conftest import ROOT, asset, one_line_error
 
 
@@ -90,3 +91,12 @@ def test_the_big_rows_count_the_weights_a_decoding_step_reads(shape, parameters)
     matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name)
     assert bench_big.matrix_weights(shape) == matrices
     assert model.num_parameters() == pytest.approx(parameters, rel=0.01)
+
+
+def test_the_int8_survey_covers_each_product_shape_once_and_its_blocked_product_is_the_product():
+    assert int8_kernels.layer_shapes(SHAPES["7b"]) == [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)]
+    assert int8_kernels.layer_shapes(SHAPES["1b"])[1] == (256, 2048)  # 4 key-value heads of 64
+    torch.manual_seed(0)
+    weight, x, scale = torch.randint(-127, 128, (48, 32), dtype=torch.int8), torch.randn(32), torch.rand(48)
+    blocks = weight.view(3, 16, 32).transpose(1, 2).contiguous()
+    assert torch.allclose(int8_kernels.blocked_product(x, blocks, scale), (weight.float() @ x) * scale, atol=1e-4)
