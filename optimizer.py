@@ -86,6 +86,7 @@ def chunks(tensors: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tenso
     if chunk:
         yield chunk
 
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
